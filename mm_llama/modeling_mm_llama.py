@@ -217,7 +217,7 @@ class MMLlamaForCausalLM(MMLlamaPreTrainedModel, GenerationMixin):
         """
         if self.vision_tower is None:
             raise ValueError(
-                "Raw pixel inputs need a vision tower, but this model has none (config.vision_config is None). "
+                "Raw pixel inputs need a vision tower, but this model has no vision tower (config.vision_config is None). "
                 "Pass precomputed ImageBind `media_embeds`, or build the model with a vision_config."
             )
         with torch.no_grad():

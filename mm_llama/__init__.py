@@ -7,6 +7,7 @@ checkpoints.
 
 from transformers import AutoConfig, AutoModelForCausalLM, AutoProcessor, AutoTokenizer
 
+from . import imagebind  # registers ImageBindVisionConfig / ImageBindVisionModel with the Auto classes
 from .configuration_mm_llama import MMLlamaConfig
 from .modeling_mm_llama import MMLlamaCausalLMOutput, MMLlamaForCausalLM, MMLlamaProjector
 from .processing_mm_llama import MMLlamaProcessor
@@ -26,12 +27,6 @@ def _register_auto_classes() -> None:
     MMLlamaForCausalLM.register_for_auto_class("AutoModelForCausalLM")
     MMLlamaTokenizer.register_for_auto_class("AutoTokenizer")
     MMLlamaProcessor.register_for_auto_class("AutoProcessor")
-    try:
-        from . import imagebind
-    except ImportError:  # the ImageBind package part is optional at import time
-        return
-    if hasattr(imagebind, "ImageBindVisionConfig") and hasattr(imagebind, "ImageBindVisionModel"):
-        AutoConfig.register(imagebind.ImageBindVisionConfig.model_type, imagebind.ImageBindVisionConfig, exist_ok=True)
 
 
 _register_auto_classes()

@@ -82,6 +82,11 @@ class MMLlamaConfig(PreTrainedConfig):
             raise ValueError(f"tokens_per_media must be >= 1, got {self.tokens_per_media}.")
         if self.vision_config is not None and self.tokens_per_media != 1:
             raise ValueError("The ImageBind vision tower gives one vector per media item: use tokens_per_media=1.")
+        if self.vision_config is not None and self.vision_config.projection_dim != self.media_embed_dim:
+            raise ValueError(
+                f"media_embed_dim ({self.media_embed_dim}) must equal the vision tower's projection_dim "
+                f"({self.vision_config.projection_dim})."
+            )
 
 
 __all__ = ["MMLlamaConfig", "PROJECTOR_TYPES"]

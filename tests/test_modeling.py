@@ -268,3 +268,47 @@ def test_from_text_pretrained_starts_from_llama_weights(tmp_path):
     with pytest.raises(ValueError, match="does not match"):
         MMLlamaForCausalLM.from_text_pretrained(tmp_path / "llama", projector_type="linear", media_embed_dim=MEDIA_DIM,
                                                 projector_path=tmp_path / "projector.safetensors")
+
+
+def make_model_with_vision_tower() -> MMLlamaForCausalLM:
+    from mm_llama.imagebind import ImageBindVisionConfig
+
+    vision_config = ImageBindVisionConfig.from_preset("tiny", image_size=28, projection_dim=MEDIA_DIM)
+    return make_model(vision_config=vision_config)
+
+
+def test_vision_tower_on_raw_pixels_equals_precomputed_embeddings(tmp_path):
+    model = make_model_with_vision_tower()
+    assert model.vision_tower is not None
+    assert not any(p.requires_grad for p in model.vision_tower.parameters())
+    ids = random_ids(1, 12)
+    ids[0, 3] = 0  # an image
+    ids[0, 8] = 0  # a video
+    images = torch.randn(1, 3, 28, 28)
+    videos = torch.randn(1, 15, 3, 2, 28, 28)
+    type_ids = torch.tensor([0, 1])
+    with torch.no_grad():
+        embeds = torch.stack([model.vision_tower.embed_images(images)[0], model.vision_tower.embed_videos(videos)[0]])
+        expected = model(input_ids=ids, media_embeds=embeds.unsqueeze(1)).logits
+        got = model(input_ids=ids, pixel_values=images, video_pixel_values=videos, media_type_ids=type_ids).logits
+    torch.testing.assert_close(got, expected)
+    with pytest.raises(ValueError, match="media_type_ids"):
+        model(input_ids=ids, pixel_values=images, video_pixel_values=videos)
+
+    model.save_pretrained(tmp_path)
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    assert reloaded.vision_tower is not None
+    with torch.no_grad():
+        again = reloaded(input_ids=ids, pixel_values=images, video_pixel_values=videos, media_type_ids=type_ids).logits
+    torch.testing.assert_close(again, got)  # same weights; conv kernels may differ in the last float bits
+
+
+def test_vision_tower_dimension_must_match_the_projector():
+    from mm_llama.imagebind import ImageBindVisionConfig
+
+    with pytest.raises(Exception, match="media_embed_dim"):
+        MMLlamaConfig(
+            text_config=LlamaConfig(**tiny_llama_config_kwargs()),
+            vision_config=ImageBindVisionConfig.from_preset("tiny", projection_dim=32),
+            media_embed_dim=MEDIA_DIM,
+        )

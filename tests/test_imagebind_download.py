@@ -1,0 +1,108 @@
+"""Checkpoint download against a local HTTP server (no external traffic): resume via Range, size check, offline."""
+
+from __future__ import annotations
+
+import importlib.util
+import socket
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pytest
+
+from mm_llama.imagebind import IMAGEBIND_HUGE_URL, DownloadError, download_imagebind_checkpoint
+
+PAYLOAD = bytes(range(256)) * 40  # 10240 bytes
+REPO = Path(__file__).resolve().parents[1]
+
+
+class _Handler(BaseHTTPRequestHandler):
+    """Serves PAYLOAD with Range support; `server.short_body` sends less than announced on HEAD."""
+
+    def log_message(self, *args):  # keep test output quiet
+        pass
+
+    def do_HEAD(self):
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(PAYLOAD)))
+        self.end_headers()
+
+    def do_GET(self):
+        self.server.ranges.append(self.headers.get("Range"))
+        body, status = PAYLOAD, 200
+        if self.server.short_body:
+            body = PAYLOAD[: len(PAYLOAD) // 2]
+        elif self.headers.get("Range"):
+            start = int(self.headers["Range"].removeprefix("bytes=").rstrip("-"))
+            body, status = PAYLOAD[start:], 206
+        self.send_response(status)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+
+@pytest.fixture()
+def server():
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
+    httpd.ranges, httpd.short_body = [], False
+    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread.start()
+    yield httpd
+    httpd.shutdown()
+    httpd.server_close()
+
+
+def _url(httpd) -> str:
+    return f"http://127.0.0.1:{httpd.server_address[1]}/imagebind_huge.pth"
+
+
+def test_default_url_is_metas():
+    assert IMAGEBIND_HUGE_URL == "https://dl.fbaipublicfiles.com/imagebind/imagebind_huge.pth"
+
+
+def test_fresh_download(tmp_path, server):
+    out = download_imagebind_checkpoint(tmp_path / "ckpt" / "imagebind_huge.pth", _url(server), progress=False)
+    assert out.read_bytes() == PAYLOAD
+    assert server.ranges == [None]
+    assert not (tmp_path / "ckpt" / "imagebind_huge.pth.part").exists()
+
+
+def test_partial_file_is_resumed_with_a_range_request(tmp_path, server):
+    target = tmp_path / "imagebind_huge.pth"
+    (tmp_path / "imagebind_huge.pth.part").write_bytes(PAYLOAD[:3000])
+    download_imagebind_checkpoint(target, _url(server), progress=False)
+    assert server.ranges == ["bytes=3000-"]
+    assert target.read_bytes() == PAYLOAD
+
+
+def test_complete_file_is_kept_and_wrong_size_file_refused(tmp_path, server):
+    target = tmp_path / "imagebind_huge.pth"
+    target.write_bytes(PAYLOAD)
+    download_imagebind_checkpoint(target, _url(server), progress=False)
+    assert server.ranges == []  # nothing fetched
+    target.write_bytes(PAYLOAD[:10])
+    with pytest.raises(DownloadError, match="exists with 10 bytes but .* has 10240"):
+        download_imagebind_checkpoint(target, _url(server), progress=False)
+
+
+def test_short_transfer_fails_the_size_check_and_keeps_the_part(tmp_path, server):
+    server.short_body = True
+    target = tmp_path / "imagebind_huge.pth"
+    with pytest.raises(DownloadError, match="5120 bytes .* announced 10240"):
+        download_imagebind_checkpoint(target, _url(server), progress=False)
+    assert not target.exists()
+    assert (tmp_path / "imagebind_huge.pth.part").stat().st_size == 5120
+
+
+def test_offline_error_is_clear(tmp_path):
+    with socket.socket() as probe:  # a port that nothing listens on
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    url = f"http://127.0.0.1:{port}/imagebind_huge.pth"
+    with pytest.raises(DownloadError, match=r"Cannot reach http://127\.0\.0\.1:\d+/imagebind_huge\.pth"):
+        download_imagebind_checkpoint(tmp_path / "x.pth", url, timeout=5, progress=False)
+
+    spec = importlib.util.spec_from_file_location("download_script", REPO / "scripts/download_imagebind_checkpoint.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    assert script.main(["--output", str(tmp_path / "x.pth"), "--url", url, "--timeout", "5", "--no_progress"]) == 1

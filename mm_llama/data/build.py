@@ -1,0 +1,295 @@
+"""The embedding builder: sources -> records -> ImageBind embeddings in resumable shards -> Arrow `DatasetDict`.
+
+Output folder layout:
+```
+output/
+  dataset_dict.json, train/, validation/    DatasetDict.save_to_disk (columns: see assemble.dataset_features)
+  manifest.json                             sources, encoder, counts, skipped records by reason, time taken
+  _shards/                                  while building only: plan.json + media-XXXXX.arrow
+```
+Multi-process (`accelerate launch`): every process reads the sources (deterministic), embeds its slice of the
+shards on its own device, and the main process assembles once all shards exist. Shard contents do not depend on
+the number of processes, so the dataset is the same as with one process.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import shutil
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Callable, Iterator
+
+import datasets
+import torch
+from accelerate import PartialState
+from tqdm.auto import tqdm
+
+from .assemble import ShardIndex, split_dataset, write_rows
+from .embed import DTYPES, embed_shards, encoder_description
+from .media import MediaItem
+from .records import SkipLog
+from .shards import (
+    finished_shards,
+    media_fingerprint,
+    num_shards,
+    read_plan,
+    shards_for_process,
+    write_plan,
+)
+from .sources import SourceSpec, read_source
+
+logger = logging.getLogger(__name__)
+
+MANIFEST_FILE = "manifest.json"
+WORK_DIR = "_shards"
+MANIFEST_VERSION = 1
+# What a build writes in its output folder; `overwrite` removes only these, never anything else a user keeps there.
+_BUILD_ARTEFACTS = (MANIFEST_FILE, "dataset_dict.json", "train", "validation", WORK_DIR)
+
+
+def read_all_sources(sources: list[SourceSpec], progress: bool = True
+                     ) -> tuple[list[tuple[str, dict]], dict[str, SkipLog]]:
+    """Reads every source: (source name, record) pairs in source order, and a SkipLog per source name."""
+    names = [spec.name for spec in sources]
+    if len(set(names)) != len(names):
+        raise ValueError(f"Source names must be distinct, got {names}; give each source its own name.")
+    records: list[tuple[str, dict]] = []
+    skips = {spec.name: SkipLog() for spec in sources}
+    for spec in sources:
+        for record in tqdm(read_source(spec, skips[spec.name]), desc=f"reading {spec.name}", unit="record",
+                           disable=not progress):
+            records.append((spec.name, record))
+    return records, skips
+
+
+def distinct_media(records: list[tuple[str, dict]]) -> list[MediaItem]:
+    """The distinct media files of all records, sorted: each is embedded once however many records use it."""
+    return sorted({MediaItem(item["type"], item["path"]) for _, record in records for item in record["media"]})
+
+
+def _check_output(output: Path, overwrite: bool) -> None:
+    """Refuses to build over a finished dataset or into a folder that is not ours (unless `overwrite`)."""
+    if overwrite or not output.exists():
+        return
+    if (output / MANIFEST_FILE).exists() or (output / "dataset_dict.json").exists():
+        raise FileExistsError(
+            f"{output} already holds a built dataset. Pass --overwrite (overwrite=True) to rebuild it, "
+            f"or choose another output folder."
+        )
+    others = sorted(p.name for p in output.iterdir() if p.name != WORK_DIR)
+    if others:
+        raise FileExistsError(
+            f"{output} is not empty ({', '.join(others[:5])}) and holds no unfinished build. "
+            f"Choose a new or empty output folder."
+        )
+
+
+def _remove_artefacts(output: Path) -> None:
+    """Removes what an earlier build wrote in `output` (and nothing else)."""
+    for name in _BUILD_ARTEFACTS:
+        path = output / name
+        if path.is_dir():
+            shutil.rmtree(path)
+        elif path.exists():
+            path.unlink()
+
+
+@contextlib.contextmanager
+def _datasets_progress(enabled: bool) -> Iterator[None]:
+    """Turns `datasets`' own progress bars off inside the block when `enabled` is False (restored after)."""
+    was_disabled = datasets.are_progress_bars_disabled()
+    if not enabled:
+        datasets.disable_progress_bars()
+    try:
+        yield
+    finally:
+        if not enabled and not was_disabled:
+            datasets.enable_progress_bars()
+
+
+def build_dataset(
+    sources: list[SourceSpec],
+    model: torch.nn.Module,
+    output_dir: str | os.PathLike,
+    *,
+    batch_size: int = 32,
+    num_workers: int = 4,
+    dtype: str = "float32",
+    shard_size: int = 1024,
+    validation_ratio: float = 0.0,
+    seed: int = 42,
+    overwrite: bool = False,
+    keep_shards: bool = False,
+    progress: bool = True,
+    device: torch.device | str | None = None,
+    on_shard_written: Callable[[int], None] | None = None,
+) -> dict:
+    """Builds the dataset of `sources` with encoder `model` into `output_dir`; returns the manifest.
+
+    Args:
+        sources: the inputs (see `SourceSpec`); their records are concatenated in this order.
+        model: an ImageBind vision encoder (`embed_images`, `embed_videos`, `config.image_size`); it is moved to
+            the device and cast to `dtype` in place.
+        output_dir: receives the `DatasetDict` (save_to_disk) and `manifest.json`.
+        batch_size: media items per encoder call. num_workers: DataLoader decoding processes (0: in-process).
+        dtype: encoder precision, "float32", "bfloat16" or "float16"; embeddings are stored as float32.
+        shard_size: media items per shard (the unit of resume and of multi-process work).
+        validation_ratio, seed: the fixed split (0: no validation split).
+        overwrite: remove an earlier build's output (finished or not) first; otherwise an unfinished build with the
+            same plan is resumed and a finished one is refused.
+        keep_shards: keep `_shards/` after success, for inspection (a rebuild needs `overwrite`, which restarts).
+        device: where the encoder runs; default the accelerate process's device (GPU when present).
+        on_shard_written: called with each shard id once its file is complete.
+
+    Raises:
+        FileExistsError: the output holds a finished build (without `overwrite`) or unrelated files.
+        ValueError: an unfinished build in `output_dir` used other media, encoder or settings.
+    """
+    started = time.monotonic()
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
+    if batch_size < 1 or shard_size < 1:
+        raise ValueError(f"batch_size and shard_size must be positive, got {batch_size} and {shard_size}")
+    if not 0.0 <= validation_ratio < 1.0:  # checked now, not after hours of embedding
+        raise ValueError(f"validation_ratio must be in [0, 1), got {validation_ratio}")
+    # cpu=True is what makes accelerate set up a multi-process CPU group (torchrun on a machine without GPUs);
+    # without it, processes launched on CPU would each believe they are alone.
+    state = PartialState(cpu=device is not None and torch.device(device).type == "cpu")
+    output, work = Path(output_dir), Path(output_dir) / WORK_DIR
+    progress = progress and state.is_local_main_process
+
+    records, skips = read_all_sources(sources, progress=progress)
+    items = distinct_media(records)
+    model = model.to(device=torch.device(device) if device is not None else state.device, dtype=DTYPES[dtype])
+    model.eval()
+    encoder = encoder_description(model)
+    plan = {
+        "fingerprint": media_fingerprint(items, encoder, dtype, shard_size),
+        "num_media": len(items),
+        "shard_size": shard_size,
+        "num_shards": num_shards(len(items), shard_size),
+        "encoder": encoder,
+        "dtype": dtype,
+    }
+
+    # Every process runs the same read-only checks, so that all raise together instead of some waiting forever.
+    if overwrite and state.is_main_process:
+        _remove_artefacts(output)
+    state.wait_for_everyone()
+    _check_output(output, overwrite)
+    earlier = read_plan(work)
+    if earlier is not None and earlier.get("fingerprint") != plan["fingerprint"]:
+        raise ValueError(
+            f"{work} holds shards of an unfinished build with other media, encoder or settings "
+            f"(earlier: {earlier.get('num_media')} media, encoder {earlier.get('encoder', {}).get('name')}, "
+            f"dtype {earlier.get('dtype')}, shard size {earlier.get('shard_size')}). "
+            f"Pass --overwrite (overwrite=True) to restart, or use another output folder."
+        )
+    state.wait_for_everyone()
+    resumed = 0
+    if state.is_main_process:
+        work.mkdir(parents=True, exist_ok=True)
+        write_plan(work, plan)
+        resumed = len(finished_shards(work, items, shard_size))
+        if resumed:
+            logger.info("Resuming: %d of %d shards already embedded in %s.", resumed, plan["num_shards"], work)
+    state.wait_for_everyone()
+
+    mine = shards_for_process(plan["num_shards"], state.process_index, state.num_processes)
+    done = finished_shards(work, items, shard_size, shard_ids=mine)
+    embed_shards(
+        model, items, [k for k in mine if k not in done], shard_size, work,
+        device=next(model.parameters()).device, dtype=DTYPES[dtype], batch_size=batch_size,
+        num_workers=num_workers, progress=progress,
+        description=f"embedding (process {state.process_index})" if state.num_processes > 1 else "embedding",
+        on_shard_written=on_shard_written,
+    )
+    state.wait_for_everyone()
+
+    if state.is_main_process:
+        index = ShardIndex(work, plan["num_shards"])
+        dim = int(index.dim or model.config.projection_dim)
+        dataset, written = write_rows(records, index, work / "assembled.arrow", skips, dim, progress=progress)
+        splits = split_dataset(dataset, validation_ratio, seed)
+        with _datasets_progress(progress):
+            # An empty split saved with the default sharding has no data file and cannot be loaded back; one
+            # explicit shard keeps it loadable.
+            splits.save_to_disk(str(output), num_shards={name: 1 for name, split in splits.items() if not len(split)})
+        media_failed = sum(1 for shard in index.shards for status in shard.status if status != "ok")
+        manifest = _manifest(
+            sources, records, written, skips, items, media_failed, splits, encoder, dtype, validation_ratio, seed,
+            plan, resumed, state.num_processes, batch_size, num_workers, time.monotonic() - started,
+        )
+        with open(output / MANIFEST_FILE, "w", encoding="utf-8") as f:
+            json.dump(manifest, f, indent=2)
+        del index, dataset, splits  # release the memory maps before deleting their files
+        if not keep_shards:
+            shutil.rmtree(work)
+    state.wait_for_everyone()
+    with open(output / MANIFEST_FILE, encoding="utf-8") as f:
+        return json.load(f)
+
+
+def _manifest(sources, records, written, skips, items, media_failed, splits, encoder, dtype, validation_ratio, seed,
+              plan, resumed, num_processes, batch_size, num_workers, seconds) -> dict:
+    """The JSON manifest of a finished build."""
+    total_skips = SkipLog()
+    for log in skips.values():
+        total_skips.merge(log)
+    read_per_source = {spec.name: 0 for spec in sources}
+    for name, _ in records:
+        read_per_source[name] += 1
+    media_by_type = {kind: sum(1 for item in items if item.type == kind) for kind in ("image", "video")}
+    return {
+        "manifest_version": MANIFEST_VERSION,
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "sources": [
+            {**spec.to_dict(), "records_read": read_per_source[spec.name], "records_written": written[spec.name],
+             "skipped": skips[spec.name].to_dict()}
+            for spec in sources
+        ],
+        "encoder": {**encoder, "dtype": dtype},
+        "counts": {
+            "records_read": len(records),
+            "records_written": sum(written.values()),
+            "splits": {name: len(split) for name, split in splits.items()},
+            "media_distinct": len(items),
+            "media_by_type": media_by_type,
+            "media_failed": media_failed,
+        },
+        "skipped": total_skips.to_dict(),
+        "split": {"validation_ratio": validation_ratio, "seed": seed},
+        "build": {
+            "shard_size": plan["shard_size"],
+            "num_shards": plan["num_shards"],
+            "shards_resumed": resumed,
+            "num_processes": num_processes,
+            "batch_size": batch_size,
+            "num_workers": num_workers,
+        },
+        "time_taken_s": round(seconds, 3),
+    }
+
+
+def format_summary(manifest: dict) -> str:
+    """A human-readable summary of a manifest: rows per split, media, and skipped records by reason."""
+    counts = manifest["counts"]
+    lines = [
+        f"records read: {counts['records_read']}, written: {counts['records_written']} "
+        f"({', '.join(f'{name}: {n}' for name, n in counts['splits'].items())})",
+        f"media: {counts['media_distinct']} distinct ({counts['media_by_type']['image']} images, "
+        f"{counts['media_by_type']['video']} videos), {counts['media_failed']} unreadable",
+    ]
+    skipped = manifest["skipped"]
+    lines.append(f"skipped records: {skipped['total']}")
+    for reason, count in skipped["by_reason"].items():
+        lines.append(f"  {reason}: {count}")
+        for example in skipped["examples"].get(reason, [])[:2]:
+            lines.append(f"    e.g. {example}")
+    lines.append(f"time taken: {manifest['time_taken_s']:.1f} s")
+    return "\n".join(lines)

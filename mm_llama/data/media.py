@@ -1,0 +1,87 @@
+"""Decoding media files for the encoder, in DataLoader workers, with failures returned as markers.
+
+A decode failure is bad input, not a bug: the worker returns a marker with the skip reason instead of raising, so
+one unreadable file never stops a build that may have run for hours.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch.utils.data import Dataset
+
+from .records import SKIP_CORRUPT_MEDIA, SKIP_EMPTY_MEDIA, SKIP_MISSING_MEDIA
+
+
+@dataclass(frozen=True, order=True)
+class MediaItem:
+    """One distinct media file to embed. Ordered by (type, path) so that a build's media list is deterministic."""
+
+    type: str
+    path: str
+
+    @property
+    def key(self) -> str:
+        """Stable identifier stored in shard files: `"image:/abs/path.jpg"`."""
+        return f"{self.type}:{self.path}"
+
+
+def decode_media(item: MediaItem, image_size: int) -> dict[str, Any]:
+    """Decodes one file; returns `{"pixels": Tensor | None, "reason": str | None, "error": str | None}`.
+
+    Pixels: image `[3, S, S]`, video `[15, 3, 2, S, S]` (5 clips x 3 spatial crops, 2 frames each), S=image_size.
+    On failure `pixels` is None and `reason` is missing_media, empty_media or corrupt_media.
+    """
+    # Imported here so that readers and tests of the record logic do not need the encoder package.
+    from mm_llama.imagebind import load_image, load_video
+
+    if not os.path.exists(item.path):
+        return {"pixels": None, "reason": SKIP_MISSING_MEDIA, "error": f"{item.path}: no such file"}
+    if os.path.getsize(item.path) == 0:
+        return {"pixels": None, "reason": SKIP_EMPTY_MEDIA, "error": f"{item.path}: zero-length file"}
+    loader = load_image if item.type == "image" else load_video
+    try:
+        pixels = loader(item.path, image_size=image_size)
+    except Exception as error:  # noqa: BLE001 - decoders (PIL, decord) raise many types; any is a bad file here.
+        return {"pixels": None, "reason": SKIP_CORRUPT_MEDIA, "error": f"{item.path}: {type(error).__name__}: {error}"}
+    return {"pixels": pixels, "reason": None, "error": None}
+
+
+class MediaDecodeDataset(Dataset):
+    """Map-style dataset over media items; `__getitem__(i)` decodes item i (see `decode_media`) and adds `"index"`."""
+
+    def __init__(self, items: list[MediaItem], image_size: int):
+        self.items = items
+        self.image_size = image_size
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        item = self.items[index]
+        return {"index": index, "type": item.type, **decode_media(item, self.image_size)}
+
+
+def collate_media(samples: list[dict[str, Any]]) -> dict[str, Any]:
+    """Groups decoded samples by kind for the encoder.
+
+    Returns `{"image_indices": list[int], "images": Tensor [Bi, 3, S, S] | None, "video_indices": list[int],
+    "videos": Tensor [Bv, 15, 3, 2, S, S] | None, "failures": list[(index, reason, error)]}`.
+    """
+    batch: dict[str, Any] = {"image_indices": [], "video_indices": [], "failures": []}
+    images, videos = [], []
+    for sample in samples:
+        if sample["pixels"] is None:
+            batch["failures"].append((sample["index"], sample["reason"], sample["error"]))
+        elif sample["type"] == "image":
+            batch["image_indices"].append(sample["index"])
+            images.append(sample["pixels"])
+        else:
+            batch["video_indices"].append(sample["index"])
+            videos.append(sample["pixels"])
+    batch["images"] = torch.stack(images) if images else None
+    batch["videos"] = torch.stack(videos) if videos else None
+    return batch

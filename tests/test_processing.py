@@ -268,3 +268,21 @@ def test_save_and_reload_processor(processor, tmp_path):
     assert isinstance(reloaded, MMLlamaProcessor)
     assert reloaded.tokens_per_media == processor.tokens_per_media
     assert reloaded.encode_conversation(DIALOGS[2]).input_ids == processor.encode_conversation(DIALOGS[2]).input_ids
+
+
+def test_raw_image_files_become_pixel_values(spm_model_path, tmp_path):
+    from PIL import Image
+
+    from mm_llama.imagebind import load_image
+
+    Image.new("RGB", (40, 30), (200, 30, 30)).save(tmp_path / "red.png")
+    processor = MMLlamaProcessor(MMLlamaTokenizer(vocab_file=str(spm_model_path)), image_size=28)
+    messages = [{"role": "user", "content": [{"type": "image", "path": str(tmp_path / "red.png")},
+                                             {"type": "text", "text": "Colour?"}]}]
+    out = processor(messages, add_generation_prompt=True)
+    assert out["pixel_values"].shape == (1, 3, 28, 28)
+    torch.testing.assert_close(out["pixel_values"][0], load_image(tmp_path / "red.png", image_size=28))
+    assert out["media_type_ids"].tolist() == [0]
+    missing = [{"role": "user", "content": [{"type": "image", "path": str(tmp_path / "nope.png")}]}]
+    with pytest.raises(ValueError, match="nope.png"):
+        processor(missing, add_generation_prompt=True)

@@ -10,6 +10,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoProcessor, AutoTo
 from . import imagebind  # registers ImageBindVisionConfig / ImageBindVisionModel with the Auto classes
 from .configuration_mm_llama import MMLlamaConfig
 from .modeling_mm_llama import MMLlamaCausalLMOutput, MMLlamaForCausalLM, MMLlamaProjector
+from .pipeline import MMLlamaChatPipeline, register_pipeline
 from .processing_mm_llama import MMLlamaProcessor
 from .tokenization_mm_llama import MMLlamaTokenizer
 
@@ -30,6 +31,7 @@ def _register_auto_classes() -> None:
 
 
 _register_auto_classes()
+register_pipeline()  # pipeline("mm-llama-chat", model=...) works once mm_llama is imported
 
 __all__ = [
     "MMLlamaConfig",
@@ -38,4 +40,6 @@ __all__ = [
     "MMLlamaCausalLMOutput",
     "MMLlamaProcessor",
     "MMLlamaTokenizer",
+    "MMLlamaChatPipeline",
+    "register_pipeline",
 ]

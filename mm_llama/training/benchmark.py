@@ -1,0 +1,198 @@
+"""Training-throughput measurements (`scripts/benchmarks/train_throughput.py`) and a QLoRA memory calculation."""
+
+from __future__ import annotations
+
+import random
+import resource
+import statistics
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from transformers import TrainerCallback
+
+from ..data.collator import MMLlamaDataCollator
+
+_WORDS = ("the a red blue green yellow circle square triangle moves left right over under quickly slowly image video "
+          "shows describe what which colour shape many how there is are small large bright dark person dog cat car "
+          "street table window tree sky water people walking running sitting holding").split()
+
+
+def synthetic_setup(folder: Path, num_rows: int = 256, media_dim: int = 1024, hidden_size: int = 64,
+                    num_layers: int = 2, seed: int = 0) -> tuple[Path, Path]:
+    """A tiny random LLaMA folder (with a sentencepiece `tokenizer.model` trained here) and a built-format dataset
+    of synthetic conversations of widely varying length (1-4 turns, 3-60 words each). Returns (llama, dataset)."""
+    import io
+
+    import sentencepiece as spm
+    from datasets import Dataset, DatasetDict
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from ..data import dataset_features
+
+    rng = random.Random(seed)
+    sentence = lambda n: " ".join(rng.choice(_WORDS) for _ in range(n)).capitalize() + "."  # noqa: E731
+    folder.mkdir(parents=True, exist_ok=True)
+    model_file = io.BytesIO()
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter([sentence(rng.randint(5, 30)) for _ in range(2000)] + ["[INST] <<IMG>> <</IMG>> "
+                                                                                      "<<VID>> <</VID>> [/INST]"]),
+        model_writer=model_file, model_type="bpe", vocab_size=512, byte_fallback=True, split_digits=True, unk_id=0,
+        bos_id=1, eos_id=2, pad_id=-1, normalization_rule_name="identity", remove_extra_whitespaces=False,
+        add_dummy_prefix=True, character_coverage=1.0, minloglevel=2,
+    )
+    llama_dir = folder / "llama"
+    torch.manual_seed(seed)
+    LlamaForCausalLM(LlamaConfig(vocab_size=512, hidden_size=hidden_size, intermediate_size=2 * hidden_size,
+                                 num_hidden_layers=num_layers, num_attention_heads=4, num_key_value_heads=4,
+                                 max_position_embeddings=2048, bos_token_id=1, eos_token_id=2)).save_pretrained(llama_dir)
+    (llama_dir / "tokenizer.model").write_bytes(model_file.getvalue())
+
+    rows = []
+    for index in range(num_rows):
+        messages = []
+        for turn in range(rng.randint(1, 4)):
+            messages.append({"role": "user", "content": sentence(rng.randint(3, 25)), "media_index": 0 if turn == 0
+                             else None})
+            messages.append({"role": "assistant", "content": " ".join(sentence(rng.randint(3, 20))
+                                                                      for _ in range(rng.randint(1, 3))),
+                             "media_index": None})
+        rows.append({"id": f"synthetic-{index}", "messages": messages, "media_types": [rng.choice(["image", "video"])],
+                     "media_embeds": np.random.default_rng(index).standard_normal((1, 1, media_dim), np.float32)})
+    features = dataset_features(tokens_per_media=1, dim=media_dim)
+    dataset_dir = folder / "dataset"
+    DatasetDict({"train": Dataset.from_list(rows, features=features)}).save_to_disk(str(dataset_dir))
+    return llama_dir, dataset_dir
+
+
+def padding_waste(trainer) -> dict[str, float]:
+    """Iterates one epoch of the trainer's train dataloader: share of padded positions, and the collator's time."""
+    real = padded = batches = 0
+    start = time.perf_counter()
+    for batch in trainer.get_train_dataloader():
+        real += int(batch["attention_mask"].sum())
+        padded += batch["attention_mask"].numel()
+        batches += 1
+    seconds = time.perf_counter() - start
+    return {"padding_waste": 1 - real / padded, "collate_ms_per_batch": 1000 * seconds / max(batches, 1),
+            "batches": batches}
+
+
+@dataclass
+class _StepTimer(TrainerCallback):
+    """Wall time of each optimizer step."""
+
+    def __post_init__(self):
+        self.times: list[float] = []
+        self._start = 0.0
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        self._sync()
+        self._start = time.perf_counter()
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self._sync()
+        self.times.append(time.perf_counter() - self._start)
+
+    @staticmethod
+    def _sync():
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+
+
+class _CountingCollator:
+    """Wraps the collator to count real tokens and rows per micro-batch."""
+
+    def __init__(self, collator: MMLlamaDataCollator):
+        self.collator, self.tokens, self.rows = collator, [], []
+
+    def __call__(self, rows):
+        batch = self.collator(rows)
+        self.tokens.append(int(batch["attention_mask"].sum()))
+        self.rows.append(len(rows))
+        return batch
+
+
+def measure_steps(trainer, warmup_steps: int) -> dict[str, float]:
+    """Trains `trainer` (max_steps set by the caller) and reports steady-state throughput after `warmup_steps`."""
+    timer = _StepTimer()
+    trainer.add_callback(timer)
+    counting = _CountingCollator(trainer.data_collator)
+    trainer.data_collator = counting
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+    trainer.train()
+    accumulation = trainer.args.gradient_accumulation_steps
+    steps = timer.times[warmup_steps:]
+    # The dataloader may prefetch; count only the micro-batches of the measured steps.
+    first, last = warmup_steps * accumulation, len(timer.times) * accumulation
+    tokens, rows = sum(counting.tokens[first:last]), sum(counting.rows[first:last])
+    seconds = sum(steps)
+    result = {
+        "steps_measured": len(steps),
+        "step_seconds_median": statistics.median(steps),
+        "tokens_per_second": tokens / seconds,
+        "samples_per_second": rows / seconds,
+    }
+    if torch.cuda.is_available():
+        result["peak_gpu_memory_gib"] = torch.cuda.max_memory_allocated() / 2**30
+    result["peak_process_rss_gib"] = peak_rss_gib()
+    return result
+
+
+def peak_rss_gib() -> float:
+    """Peak resident memory of this process (ru_maxrss: KiB on Linux, bytes on macOS)."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / (2**30 if sys.platform == "darwin" else 2**20)
+
+
+def estimate_qlora_stage2_memory_gib(
+    batch_size: int = 8, seq_len: int = 512, trained_fraction: float = 1.0, lora_r: int = 64,
+    num_lora_targets: int = 2, hidden: int = 4096, intermediate: int = 11008, layers: int = 32, vocab: int = 32000,
+    media_dim: int = 1024, cuda_overhead_gib: float = 0.8,
+) -> dict[str, Any]:
+    """CALCULATION (not a measurement) of GPU memory for LLaMA-2-7B QLoRA stage 2 as `recipes/stage2_qlora.yaml`
+    sets it up: nf4 + double quant linear layers, embeddings / LM head / norms / projector upcast to fp32 by
+    `prepare_model_for_kbit_training`, fp32 LoRA (q/v) + projector with gradients and AdamW states, activation
+    checkpointing (one bf16 hidden state kept per layer, one layer's activations live at a time), logits only at
+    trained positions (`trained_fraction` of the tokens: ~1.0 when prompt_loss_weight > 0, since prompt text then
+    has a loss too).
+    """
+    gib = 2**30
+    linear_params = layers * (4 * hidden * hidden + 3 * hidden * intermediate)
+    # nf4: 4 bits per weight; double quant: 8-bit absmax per 64 weights + fp32 per 256 absmax = 0.127 bits/weight.
+    quantized = linear_params * (4 + 8 / 64 + 32 / (64 * 256)) / 8
+    embed_and_head = 2 * vocab * hidden * 4  # fp32 after prepare_model_for_kbit_training
+    norms = (2 * layers + 1) * hidden * 4
+    projector = (media_dim * hidden + hidden) * 4
+    lora = layers * num_lora_targets * 2 * lora_r * hidden
+    trainable = lora * 4 + projector
+    # Weights: frozen projector copy + trained copy (modules_to_save); trainable also has grads and 2 Adam states.
+    weights = quantized + embed_and_head + norms + projector + trainable
+    optimizer_and_grads = 3 * trainable
+    tokens = batch_size * seq_len
+    checkpoints = layers * tokens * hidden * 2
+    # One decoder layer recomputed in backward: ~ q,k,v,o + attention out + norms (~8 x hidden) and the MLP's
+    # gate/up/act/product (4 x intermediate) in bf16, plus their gradients (x2); a dequantized bf16 weight.
+    layer_live = 2 * tokens * (8 * hidden + 4 * intermediate) * 2 + hidden * intermediate * 2
+    trained_tokens = tokens * trained_fraction
+    logits = trained_tokens * vocab * (4 + 4)  # fp32 logits + their gradient in the cross-entropy backward
+    parts = {
+        "nf4 double-quant linear weights": quantized / gib,
+        "fp32 embeddings + LM head + norms": (embed_and_head + norms) / gib,
+        "projector (frozen copy + trained copy) + LoRA weights": (projector + trainable) / gib,
+        "gradients + AdamW states (trainable only)": optimizer_and_grads / gib,
+        "activation checkpoints (bf16 hidden per layer)": checkpoints / gib,
+        "one layer recomputed in backward": layer_live / gib,
+        "logits at trained positions (+grad)": logits / gib,
+        "CUDA context / allocator slack (assumed)": cuda_overhead_gib,
+    }
+    return {"batch_size": batch_size, "seq_len": seq_len, "parts_gib": parts,
+            "total_gib": sum(parts.values()), "weights_gib": weights / gib}
+
+
+__all__ = ["estimate_qlora_stage2_memory_gib", "measure_steps", "padding_waste", "peak_rss_gib", "synthetic_setup"]

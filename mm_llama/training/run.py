@@ -1,0 +1,78 @@
+"""A training run from parsed arguments: what `scripts/train.py` calls."""
+
+from __future__ import annotations
+
+import logging
+from typing import Sequence
+
+from transformers import set_seed
+from transformers.trainer_utils import TrainOutput
+
+from ..data.collator import MMLlamaDataCollator
+from .arguments import RESUME_LATEST, DataArguments, LoraArguments, MMLlamaTrainingArguments, ModelArguments, parse_args
+from .data import prepare_datasets
+from .setup import load_stage_model
+from .trainer import MMLlamaTrainer
+
+logger = logging.getLogger(__name__)
+
+
+def build_trainer(
+    model_args: ModelArguments,
+    data_args: DataArguments,
+    lora_args: LoraArguments,
+    training_args: MMLlamaTrainingArguments,
+) -> MMLlamaTrainer:
+    """Model + processor for the stage, datasets, collator and trainer, ready for `.train()`."""
+    set_seed(training_args.seed)
+    model, processor = load_stage_model(
+        model_args,
+        lora_args,
+        gradient_checkpointing=bool(training_args.activation_checkpointing),
+        gradient_checkpointing_kwargs=training_args.activation_checkpointing_kwargs,
+    )
+    train_dataset, eval_dataset = prepare_datasets(data_args, processor, seed=training_args.seed)
+    if eval_dataset is None and training_args.eval_strategy != "no":
+        raise ValueError(f"eval_strategy is {training_args.eval_strategy!r} but no dataset has a "
+                         f"{data_args.eval_split!r} split; set eval_strategy: 'no' or eval_split.")
+    collator = MMLlamaDataCollator(
+        processor,
+        max_seq_len=data_args.max_seq_len,
+        truncation=data_args.truncation,
+        prompt_loss_weight=data_args.prompt_loss_weight,
+        train_on=data_args.train_on,
+    )
+    return MMLlamaTrainer(
+        model=model,
+        args=training_args,
+        train_dataset=train_dataset,
+        eval_dataset=eval_dataset,
+        data_collator=collator,
+        processing_class=processor,
+    )
+
+
+def resume_argument(value: str | None) -> str | bool | None:
+    """`resume_from_checkpoint`: a checkpoint folder, or true/latest/last for the newest one in output_dir."""
+    if value is not None and str(value).lower() in RESUME_LATEST:
+        return True
+    return value
+
+
+def train(argv: Sequence[str] | None = None) -> TrainOutput:
+    """Parses `[recipe.yaml] [--key value ...]`, trains, and saves the stage's final output to output_dir:
+    stage 1 a full `MMLlamaForCausalLM` folder, stage 2 the PEFT adapter (LoRA + projector); both with the
+    processor."""
+    model_args, data_args, lora_args, training_args = parse_args(argv)
+    logging.basicConfig(level=training_args.get_process_log_level(),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    trainer = build_trainer(model_args, data_args, lora_args, training_args)
+    result = trainer.train(resume_from_checkpoint=resume_argument(training_args.resume_from_checkpoint))
+    trainer.save_model(training_args.output_dir)
+    trainer.save_state()
+    trainer.log_metrics("train", result.metrics)
+    trainer.save_metrics("train", result.metrics)
+    return result
+
+
+__all__ = ["build_trainer", "resume_argument", "train"]

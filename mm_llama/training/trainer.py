@@ -1,0 +1,208 @@
+"""`MMLlamaTrainer`: the HF Trainer with per-token loss weights, token accuracy, label-only logits, a projector
+learning rate and stage-1 checkpoints that leave out the frozen LLM.
+
+Everything else (loop, gradient accumulation, mixed precision, DDP/FSDP/DeepSpeed via accelerate, schedulers,
+checkpoint rotation, resume, TensorBoard) is the Trainer's own.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import safetensors.torch
+import torch
+from torch import nn
+from transformers import Trainer
+
+from .setup import optimizer_param_groups
+
+TRAINABLE_WEIGHTS_NAME = "trainable_weights.safetensors"
+# Sums over the batches since the last report: correct tokens, trained tokens (train); plus loss x denominator and
+# denominator (evaluation, so that eval_loss is the mean over all trained tokens rather than over batches).
+_TRAIN_COUNTS, _EVAL_SUMS = 2, 4
+
+
+def _trained_weight_total(batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The loss denominator of one batch, as the model computes it: the sum of the loss weights of the trained
+    next-token targets (labels[:, 1:] != -100), or their count when the batch has no loss weights."""
+    trained = batch["labels"][:, 1:] != -100
+    if "loss_weights" in batch:
+        return (batch["loss_weights"][:, 1:].float() * trained).sum()
+    return trained.sum()
+
+
+class MMLlamaTrainer(Trainer):
+    """Trainer for `MMLlamaForCausalLM` (plain or PEFT-wrapped), with batches from `MMLlamaDataCollator`.
+
+    - Loss weights: with `loss_weights` in the batch (prompt_loss_weight > 0) the loss over a gradient-accumulation
+      step is sum(weight * CE) / sum(weight) over the whole global batch: `num_items_in_batch` becomes the weight
+      total instead of the token count.
+    - Logits only at trained positions (`logits_for_labels_only=True`): prompt and padding positions never go
+      through the LM head.
+    - `token_accuracy` (next-token argmax accuracy on trained tokens) is logged next to `loss`, from the model's
+      counts summed over accumulation steps, logging interval and processes; `eval_token_accuracy` likewise.
+    - `projector_learning_rate` (MMLlamaTrainingArguments) gives the projector its own parameter groups.
+    - `save_trainable_only`: checkpoints of a model with frozen weights and no PEFT wrapper (stage 1) hold only the
+      trainable parameters (`trainable_weights.safetensors`) besides optimizer / scheduler / RNG / trainer state;
+      the final `save_model()` writes the full `save_pretrained` folder. Under DeepSpeed / FSDP checkpoints keep
+      their own formats.
+    """
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        if self.args.label_smoothing_factor:
+            raise ValueError("label_smoothing_factor is not supported: MM-LLaMA's loss is computed in the model "
+                             "(with loss weights and label-only logits). Set it to 0.")
+        if self.compute_loss_func is not None:
+            raise ValueError("compute_loss_func is not supported by MMLlamaTrainer: the model computes the loss.")
+        self._train_counts = torch.zeros(_TRAIN_COUNTS, dtype=torch.float64, device=self.args.device)
+        self._eval_sums = torch.zeros(_EVAL_SUMS, dtype=torch.float64, device=self.args.device)
+        self._saving_checkpoint = False
+
+    # ---------------------------------------------------------------- loss
+
+    def get_batch_samples(self, epoch_iterator, num_batches: int, device: torch.device):
+        """Fetches the micro-batches of one optimizer step; with loss weights, the loss denominator over them (and
+        over all processes) is the total weight of the trained tokens rather than their count."""
+        batch_samples, num_items_in_batch = super().get_batch_samples(epoch_iterator, num_batches, device)
+        if batch_samples and "loss_weights" in batch_samples[0] and num_items_in_batch is not None:
+            total = sum(_trained_weight_total(batch) for batch in batch_samples).to(device)
+            if self.args.average_tokens_across_devices and self.args.world_size > 1:
+                total = self.accelerator.gather(total.reshape(1)).sum()
+            num_items_in_batch = total
+        return batch_samples, num_items_in_batch
+
+    def compute_loss(
+        self,
+        model: nn.Module,
+        inputs: dict[str, torch.Tensor | Any],
+        return_outputs: bool = False,
+        num_items_in_batch: torch.Tensor | int | None = None,
+    ):
+        """The model's (weighted) loss with logits only at trained positions; records accuracy counts."""
+        inputs = {**inputs, "logits_for_labels_only": True}
+        loss, outputs = super().compute_loss(model, inputs, return_outputs=True,
+                                             num_items_in_batch=num_items_in_batch)
+        with torch.no_grad():
+            correct = outputs.num_correct_tokens.to(self._train_counts.device, torch.float64)
+            trained = outputs.num_trained_tokens.to(self._train_counts.device, torch.float64)
+            if model.training:
+                self._train_counts += torch.stack([correct, trained])
+            else:
+                denominator = _trained_weight_total(inputs).to(self._eval_sums.device, torch.float64)
+                self._eval_sums += torch.stack([correct, trained, loss.detach().double() * denominator, denominator])
+        return (loss, outputs) if return_outputs else loss
+
+    def prediction_step(self, model: nn.Module, inputs: dict[str, Any], prediction_loss_only: bool,
+                        ignore_keys: list[str] | None = None):
+        """Evaluation is loss and accuracy only: no logits are gathered (they would be [num_trained, 32k])."""
+        inputs = self._prepare_inputs(inputs)
+        with torch.no_grad(), self.compute_loss_context_manager():
+            loss = self.compute_loss(model, inputs)
+        return loss.detach(), None, None
+
+    def evaluation_loop(self, dataloader, description, prediction_loss_only=None, ignore_keys=None,
+                        metric_key_prefix: str = "eval"):
+        """Adds `{prefix}_token_accuracy` and makes `{prefix}_loss` the mean over all trained tokens (weighted),
+        summed over processes."""
+        self._eval_sums.zero_()
+        output = super().evaluation_loop(dataloader, description, prediction_loss_only, ignore_keys,
+                                         metric_key_prefix)
+        correct, trained, loss_sum, denominator = self.accelerator.reduce(self._eval_sums.clone(), "sum").tolist()
+        if trained > 0:
+            output.metrics[f"{metric_key_prefix}_token_accuracy"] = correct / trained
+        if denominator > 0:
+            output.metrics[f"{metric_key_prefix}_loss"] = loss_sum / denominator
+        return output
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        """Adds `token_accuracy` to each training log (every process calls `log` at the same steps, so the counts
+        are summed across processes here)."""
+        if "loss" in logs:
+            correct, trained = self.accelerator.reduce(self._train_counts.clone(), "sum").tolist()
+            self._train_counts.zero_()
+            if trained > 0:
+                logs["token_accuracy"] = round(correct / trained, 6)
+        super().log(logs, start_time)
+
+    # ---------------------------------------------------------------- optimizer
+
+    def create_optimizer(self, model: nn.Module | None = None) -> torch.optim.Optimizer:
+        """The Trainer's optimizer, with the projector in its own parameter groups when `projector_learning_rate`
+        is set."""
+        projector_lr = getattr(self.args, "projector_learning_rate", None)
+        if projector_lr is None or self.optimizer is not None:
+            return super().create_optimizer(model)
+        opt_model = self.model if model is None else model
+        groups = optimizer_param_groups(
+            opt_model, self.args.weight_decay,
+            self.get_decay_parameter_names(opt_model), projector_learning_rate=projector_lr,
+        )
+        optimizer_cls, optimizer_kwargs = self.get_optimizer_cls_and_kwargs(self.args, opt_model)
+        self.optimizer = optimizer_cls(groups, **optimizer_kwargs)
+        return self.optimizer
+
+    # ---------------------------------------------------------------- checkpoints
+
+    def _trainable_only_checkpoints(self) -> bool:
+        """Stage-1 style checkpoints: a plain model with frozen weights, outside DeepSpeed / FSDP."""
+        if not getattr(self.args, "save_trainable_only", False) or self.is_deepspeed_enabled or self.is_fsdp_enabled:
+            return False
+        model = self.accelerator.unwrap_model(self.model)
+        if hasattr(model, "peft_config"):  # PEFT checkpoints already hold only the adapter and modules_to_save
+            return False
+        return any(not p.requires_grad for p in model.parameters())
+
+    def _save_checkpoint(self, model, trial) -> None:
+        self._saving_checkpoint = True
+        try:
+            super()._save_checkpoint(model, trial)
+        finally:
+            self._saving_checkpoint = False
+
+    def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
+        """Checkpoints of stage 1 write only the trainable parameters (plus processor and training args)."""
+        if not (self._saving_checkpoint and self._trainable_only_checkpoints()):
+            return super()._save(output_dir, state_dict)
+        if not self.args.should_save:
+            return
+        output_dir = output_dir or self.args.output_dir
+        os.makedirs(output_dir, exist_ok=True)
+        model = self.accelerator.unwrap_model(self.model)
+        trainable = {name: param.detach().cpu().contiguous()
+                     for name, param in model.named_parameters() if param.requires_grad}
+        safetensors.torch.save_file(trainable, os.path.join(output_dir, TRAINABLE_WEIGHTS_NAME),
+                                    metadata={"format": "pt"})
+        model.config.save_pretrained(output_dir)
+        if self.processing_class is not None:
+            self.processing_class.save_pretrained(output_dir)
+        torch.save(self.args, os.path.join(output_dir, "training_args.bin"))
+
+    def _load_trainable_weights(self, checkpoint_dir: str, model: nn.Module | None = None) -> bool:
+        """Loads `trainable_weights.safetensors` if the checkpoint has it; returns whether it did."""
+        path = os.path.join(checkpoint_dir, TRAINABLE_WEIGHTS_NAME)
+        if not os.path.isfile(path):
+            return False
+        model = self.accelerator.unwrap_model(model if model is not None else self.model)
+        state_dict = safetensors.torch.load_file(path, device="cpu")
+        parameters = dict(model.named_parameters())
+        unknown = sorted(set(state_dict) - set(parameters))
+        if unknown:
+            raise ValueError(f"{path} holds parameters the model does not have: {unknown[:5]}... Resume with the "
+                             "same model_name_or_path and stage as the interrupted run.")
+        with torch.no_grad():
+            for name, value in state_dict.items():
+                parameters[name].copy_(value)
+        return True
+
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model: nn.Module | None = None) -> None:
+        if not self._load_trainable_weights(resume_from_checkpoint, model):
+            super()._load_from_checkpoint(resume_from_checkpoint, model)
+
+    def _load_best_model(self) -> None:
+        if not self._load_trainable_weights(self.state.best_model_checkpoint):
+            super()._load_best_model()
+
+
+__all__ = ["MMLlamaTrainer", "TRAINABLE_WEIGHTS_NAME"]

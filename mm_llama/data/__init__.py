@@ -22,7 +22,10 @@ from .sources import (
 )
 from .webvid import OfflineError, download_webvid
 
+from .collator import MMLlamaDataCollator
+
 __all__ = [
+    "MMLlamaDataCollator",
     "SKIP_REASONS",
     "SOURCE_KINDS",
     "OfflineError",

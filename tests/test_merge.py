@@ -7,10 +7,6 @@ Also holds the tiny-checkpoint builders that the chat, pipeline and evaluation t
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
-import textwrap
 from pathlib import Path
 
 import pytest
@@ -18,6 +14,7 @@ import torch
 from transformers import AutoModelForCausalLM, LlamaConfig
 
 from conftest import tiny_llama_config_kwargs
+from remote_code import assert_remote_code_logits
 from mm_llama import MMLlamaConfig, MMLlamaForCausalLM, MMLlamaProcessor, MMLlamaTokenizer
 
 MEDIA_DIM = 1024  # ImageBind-huge's embedding size, as real embedding files have
@@ -124,35 +121,7 @@ def test_merged_folder_loads_with_trust_remote_code_without_the_package(checkpoi
     assert (merged_dir / "modeling_mm_llama.py").is_file()
     ids, embeds = media_prompt_ids(seed=3), torch.randn(1, 1, MEDIA_DIM)
     expected = _unmerged_logits(stage1, stage2, ids, embeds)
-    torch.save({"ids": ids, "embeds": embeds, "expected": expected}, tmp_path / "io.pt")
-    script = textwrap.dedent(
-        f"""
-        import importlib.abc, sys
-
-        class BlockMMLlama(importlib.abc.MetaPathFinder):
-            def find_spec(self, name, path=None, target=None):
-                if name == "mm_llama" or name.startswith("mm_llama."):
-                    raise ImportError("mm_llama is blocked in this test")
-                return None
-
-        sys.meta_path.insert(0, BlockMMLlama())
-        import torch
-        from transformers import AutoModelForCausalLM
-        model = AutoModelForCausalLM.from_pretrained({str(merged_dir)!r}, trust_remote_code=True).eval()
-        assert type(model).__name__ == "MMLlamaForCausalLM" and "mm_llama" not in sys.modules
-        io = torch.load({str(tmp_path / "io.pt")!r})
-        with torch.no_grad():
-            logits = model(input_ids=io["ids"], media_embeds=io["embeds"]).logits
-        torch.testing.assert_close(logits, io["expected"], rtol=1e-5, atol=1e-5)
-        print("REMOTE_OK")
-        """
-    )
-    (tmp_path / "remote.py").write_text(script)
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    env["HF_MODULES_CACHE"] = str(tmp_path / "modules")
-    result = subprocess.run([sys.executable, "remote.py"], cwd=tmp_path, env=env, capture_output=True, text=True,
-                            timeout=300)
-    assert "REMOTE_OK" in result.stdout, result.stderr[-3000:]
+    assert_remote_code_logits(merged_dir, ids, embeds, expected, tmp_path, tolerance=1e-5)
 
 
 def test_stage2_start_computes_the_stage1_model_and_trains_lora_and_projector(checkpoints, tmp_path):

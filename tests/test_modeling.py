@@ -1,15 +1,12 @@
 """MMLlamaForCausalLM: equivalence with LLaMA, media placement, loss weighting, generation, save/load round trips."""
 
-import os
-import subprocess
-import sys
-import textwrap
 
 import pytest
 import torch
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
 from conftest import tiny_llama_config_kwargs
+from remote_code import assert_remote_code_logits
 from mm_llama import MMLlamaConfig, MMLlamaForCausalLM
 
 MEDIA_DIM = 16
@@ -211,38 +208,7 @@ def test_trust_remote_code_load_without_the_package(tmp_path):
     embeds = torch.randn(1, 1, MEDIA_DIM)
     with torch.no_grad():
         expected = model(input_ids=ids, media_embeds=embeds).logits
-    torch.save({"ids": ids, "embeds": embeds, "expected": expected}, tmp_path / "io.pt")
-    script = textwrap.dedent(
-        f"""
-        import importlib.abc, sys
-
-        class BlockMMLlama(importlib.abc.MetaPathFinder):
-            # Makes `mm_llama` unimportable, even where it is pip-installed (editable or not).
-            def find_spec(self, name, path=None, target=None):
-                if name == "mm_llama" or name.startswith("mm_llama."):
-                    raise ImportError("mm_llama is blocked in this test")
-                return None
-
-        sys.meta_path.insert(0, BlockMMLlama())
-        import torch
-        from transformers import AutoModelForCausalLM
-        model = AutoModelForCausalLM.from_pretrained({str(tmp_path / "ckpt")!r}, trust_remote_code=True).eval()
-        assert type(model).__name__ == "MMLlamaForCausalLM", type(model)
-        assert not type(model).__module__.startswith("mm_llama"), type(model).__module__
-        assert "mm_llama" not in sys.modules
-        io = torch.load({str(tmp_path / "io.pt")!r})
-        with torch.no_grad():
-            logits = model(input_ids=io["ids"], media_embeds=io["embeds"]).logits
-        torch.testing.assert_close(logits, io["expected"], rtol=0, atol=0)
-        print("REMOTE_OK")
-        """
-    )
-    (tmp_path / "remote.py").write_text(script)
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    env["HF_MODULES_CACHE"] = str(tmp_path / "modules")
-    result = subprocess.run([sys.executable, "remote.py"], cwd=tmp_path, env=env, capture_output=True, text=True,
-                            timeout=300)
-    assert "REMOTE_OK" in result.stdout, result.stderr[-3000:]
+    assert_remote_code_logits(tmp_path / "ckpt", ids, embeds, expected, tmp_path)
 
 
 def test_from_text_pretrained_starts_from_llama_weights(tmp_path):

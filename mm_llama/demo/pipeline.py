@@ -1,0 +1,429 @@
+"""The demo pipeline: synthetic corpus -> tiny stand-in checkpoints -> the real MM-LLaMA steps -> accuracy summary.
+
+Every step after the stand-ins runs the project's real command-line scripts (in this process, with the exact
+argument list printed, so that a user can re-run any step by hand): checkpoint conversion, `build_datasets.py`,
+`train.py` with the `recipes/demo/` recipes, `convert_lora_checkpoint.py` and `evaluate.py`. The code that runs
+is the code that trains LLaMA-2-7B on a GPU; only the sizes differ.
+"""
+
+from __future__ import annotations
+
+import json
+import runpy
+import shlex
+import sys
+import time
+from collections import defaultdict
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Callable, Sequence
+
+from .corpus import CORPUS_SIZES, QUESTION_TYPES, CorpusPaths, generate_corpus, read_eval_items
+from .tiny_models import IMAGEBIND_IMAGE_SIZE, TinyLlamaSpec, pretrain_tiny_imagebind, pretrain_tiny_llama, train_tokenizer
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+SCRIPTS_DIR = REPO_ROOT / "scripts"
+RECIPES_DIR = REPO_ROOT / "recipes" / "demo"
+
+
+@dataclass(frozen=True)
+class DemoSize:
+    """Knobs of one demo size. `smoke` is what the test runs; `full` is README's demo."""
+
+    corpus: str
+    vocab_size: int
+    llama_steps: int
+    imagebind_held_out: int
+    imagebind_steps: int
+    stage1_epochs: float
+    stage2_epochs: float
+    max_steps: int | None = None  # overrides the epochs of both stages (--steps)
+
+
+DEMO_SIZES: dict[str, DemoSize] = {
+    "tiny": DemoSize(corpus="tiny", vocab_size=400, llama_steps=40, imagebind_held_out=100, imagebind_steps=20,
+                     stage1_epochs=1, stage2_epochs=1),
+    "smoke": DemoSize(corpus="smoke", vocab_size=512, llama_steps=150, imagebind_held_out=300, imagebind_steps=300,
+                      stage1_epochs=8, stage2_epochs=12),
+    "full": DemoSize(corpus="full", vocab_size=512, llama_steps=250, imagebind_held_out=400, imagebind_steps=600,
+                     stage1_epochs=6, stage2_epochs=12),
+}
+
+
+@dataclass
+class DemoPaths:
+    """Every artefact of a demo run, under one output folder."""
+
+    root: Path
+    corpus: CorpusPaths = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.root = Path(self.root).absolute()
+        self.corpus = CorpusPaths.under(self.root / "corpus")
+
+    @property
+    def meta_llama(self) -> Path:  # Meta's download layout: consolidated.00.pth + params.json + tokenizer.model
+        return self.root / "checkpoints" / "meta" / "llama-tiny-chat"
+
+    @property
+    def meta_imagebind(self) -> Path:  # stands in for imagebind_huge.pth
+        return self.root / "checkpoints" / "meta" / "imagebind_tiny.pth"
+
+    @property
+    def hf_llama(self) -> Path:
+        return self.root / "checkpoints" / "hf" / "llama-tiny-chat"
+
+    @property
+    def hf_imagebind(self) -> Path:
+        return self.root / "checkpoints" / "hf" / "imagebind-tiny-vision"
+
+    def dataset(self, name: str) -> Path:
+        return self.root / "datasets" / name
+
+    def run(self, stage: int) -> Path:
+        return self.root / "runs" / f"stage{stage}"
+
+    @property
+    def merged(self) -> Path:
+        return self.root / "mm-llama-tiny"
+
+    def evaluation(self, name: str) -> Path:
+        return self.root / "eval" / f"{name}.json"
+
+    @property
+    def summary(self) -> Path:
+        return self.root / "summary.json"
+
+
+# ------------------------------------------------------------------------------------------------- step plumbing
+class StepError(RuntimeError):
+    """A demo step failed; the message names the step and the command to re-run it."""
+
+
+class Reporter:
+    """Prints a numbered header per step, and a short summary with its time when it ends."""
+
+    def __init__(self, total: int, stream=sys.stdout):
+        self.total, self.index, self.stream = total, 0, stream
+        self.timings: dict[str, float] = {}
+
+    def step(self, title: str) -> "_StepContext":
+        self.index += 1
+        return _StepContext(self, title)
+
+    def print(self, text: str = "") -> None:
+        print(text, file=self.stream, flush=True)
+
+
+class _StepContext:
+    def __init__(self, reporter: Reporter, title: str):
+        self.reporter, self.title, self.lines = reporter, title, []
+
+    def __enter__(self) -> "_StepContext":
+        self.started = time.monotonic()
+        self.reporter.print(f"\n=== [{self.reporter.index}/{self.reporter.total}] {self.title}")
+        return self
+
+    def note(self, line: str) -> None:
+        self.lines.append(line)
+
+    def __exit__(self, exc_type, exc, tb) -> bool:
+        seconds = time.monotonic() - self.started
+        self.reporter.timings[self.title] = seconds
+        if exc is None:
+            for line in self.lines:
+                self.reporter.print(f"    {line}")
+            self.reporter.print(f"    done in {seconds:.1f} s")
+        return False
+
+
+def run_script(script: str, args: Sequence[str], reporter: Reporter) -> None:
+    """Runs `scripts/<script>` with `args` exactly as its command line would, in this process (saving the 5-30 s
+    of interpreter and library start-up per step), after printing the command.
+
+    Raises StepError when the script exits with a non-zero status or raises.
+    """
+    path = SCRIPTS_DIR / script
+    command = f"python scripts/{script} " + " ".join(shlex.quote(str(a)) for a in args)
+    reporter.print(f"    $ {command}")
+    saved_argv = sys.argv
+    sys.argv = [str(path), *map(str, args)]
+    try:
+        runpy.run_path(str(path), run_name="__main__")
+    except SystemExit as exit_:
+        if exit_.code not in (None, 0):
+            raise StepError(f"{script} exited with status {exit_.code}; re-run it by hand to see why:\n  {command}")
+    finally:
+        sys.argv = saved_argv
+
+
+def _progress_bar(description: str, enabled: bool) -> Callable[[int, int, dict], None] | None:
+    """A tqdm bar driven by a training loop's (step, total, metrics) callback."""
+    if not enabled:
+        return None
+    from tqdm.auto import tqdm
+
+    state: dict = {}
+
+    def update(step: int, total: int, metrics: dict) -> None:
+        if "bar" not in state:
+            state["bar"] = tqdm(total=total, desc=description, unit="step", leave=False)
+        state["bar"].update(1)
+        state["bar"].set_postfix({k: f"{v:.3f}" for k, v in metrics.items()})
+        if step >= total:
+            state["bar"].close()
+
+    return update
+
+
+# ------------------------------------------------------------------------------------------------- evaluation
+def accuracy_by_type(eval_items: list[dict], predictions: dict[str, str]) -> dict[str, dict]:
+    """Per question type: accuracy of generated answers (the key word of the reference answer appears as a word in
+    the prediction and no other answer choice of the type does), count and chance level."""
+    correct: dict[str, int] = defaultdict(int)
+    count: dict[str, int] = defaultdict(int)
+    for item in eval_items:
+        qt = QUESTION_TYPES[item["type"]]
+        words = set(predictions.get(item["id"], "").lower().replace(".", " ").replace(",", " ").split())
+        named = {choice for choice in qt.choices if choice in words}
+        count[qt.name] += 1
+        correct[qt.name] += named == {item["key"]}
+    return {name: {"accuracy": correct[name] / count[name], "count": count[name],
+                   "chance": QUESTION_TYPES[name].chance} for name in QUESTION_TYPES if count[name]}
+
+
+def format_accuracy_table(results: dict[str, dict[str, dict]]) -> str:
+    """Rows: question types; columns: chance and each evaluated model."""
+    names = list(results)
+    header = f"    {'question type':<18} {'n':>4} {'chance':>7} " + " ".join(f"{n:>16}" for n in names)
+    lines = [header]
+    types = [t for t in QUESTION_TYPES if any(t in r for r in results.values())]
+    for t in types:
+        first = next(r[t] for r in results.values() if t in r)
+        cells = " ".join(f"{results[n][t]['accuracy']:>16.1%}" if t in results[n] else f"{'-':>16}" for n in names)
+        lines.append(f"    {t:<18} {first['count']:>4} {first['chance']:>7.0%} {cells}")
+    return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------------------------------- the demo
+@dataclass
+class DemoConfig:
+    output: Path
+    size: str = "full"
+    steps: int | None = None
+    device: str = "auto"
+    seed: int = 0
+    progress: bool = True
+    num_workers: int = 2
+
+    def resolved_size(self) -> DemoSize:
+        if self.size not in DEMO_SIZES:
+            raise ValueError(f"Unknown demo size {self.size!r}; choose one of {sorted(DEMO_SIZES)}.")
+        size = DEMO_SIZES[self.size]
+        return replace(size, max_steps=self.steps) if self.steps is not None else size
+
+    def resolved_device(self) -> str:
+        import torch
+
+        if self.device == "auto":
+            return "cuda" if torch.cuda.is_available() else "cpu"
+        if self.device.startswith("cuda") and not torch.cuda.is_available():
+            raise ValueError(f"--device {self.device} was asked for but no CUDA GPU is visible to PyTorch.")
+        return self.device
+
+
+STEP_TITLES = (
+    "Synthetic corpus (images, mp4 videos, upstream-format conversations, held-out eval set)",
+    "Tokenizer: sentencepiece BPE trained on the corpus text with LLaMA's settings",
+    "Tiny LLaMA 'chat' stand-in: pre-trained on the corpus text, saved in Meta's format, converted",
+    "Tiny ImageBind stand-in: pre-trained on its own scenes, saved as Meta's flat .pth, converted",
+    "build_datasets: ImageBind embeddings of every image and video into Arrow datasets",
+    "Stage 1: projector training (LLM frozen) with scripts/train.py recipes/demo/stage1.yaml",
+    "Stage 2: LoRA + projector instruction tuning with scripts/train.py recipes/demo/stage2.yaml",
+    "Merge the LoRA adapter into one MM-LLaMA model (scripts/convert_lora_checkpoint.py)",
+    "Generation eval on the held-out set (scripts/evaluate.py) and sample chats",
+)
+
+
+def run_demo(config: DemoConfig, reporter: Reporter | None = None) -> dict:
+    """Runs every step of the demo into `config.output`; returns the summary (also written to summary.json)."""
+    started = time.monotonic()
+    size = config.resolved_size()
+    device = config.resolved_device()
+    paths = DemoPaths(config.output)
+    paths.root.mkdir(parents=True, exist_ok=True)
+    reporter = reporter or Reporter(len(STEP_TITLES))
+    reporter.print(f"MM-LLaMA demo: size {config.size}, device {device}, seed {config.seed}, output {paths.root}")
+    summary: dict = {"size": config.size, "device": device, "seed": config.seed, "knobs": asdict(size),
+                     "output": str(paths.root)}
+
+    with reporter.step(STEP_TITLES[0]) as step:
+        _, corpus = generate_corpus(paths.corpus.root, CORPUS_SIZES[size.corpus], seed=config.seed,
+                                    progress=config.progress)
+        counts = corpus["counts"]
+        step.note(f"stage 1 (CC3M chat.json format): {counts['cc3m_records']} captioned images -> {paths.corpus.cc3m_json}")
+        step.note(f"stage 2 (LLaVA-Instruct format): {counts['instruct_records']} image conversations -> "
+                  f"{paths.corpus.instruct_json}")
+        step.note(f"stage 2 (VideoChat format): {counts['videochat_records']} mp4 clips with Q/A -> "
+                  f"{paths.corpus.videochat_json}")
+        step.note(f"held-out eval: {counts['eval_questions']} questions {counts['eval_questions_by_type']}")
+        step.note(f"pre-training text: {counts['pretrain_items']} captions and text-only chats")
+        summary["corpus"] = counts
+
+    with reporter.step(STEP_TITLES[1]) as step:
+        tokenizer_model = train_tokenizer(paths.corpus.pretrain_text, paths.root / "checkpoints" / "tokenizer",
+                                          vocab_size=size.vocab_size)
+        step.note(f"vocabulary {size.vocab_size} (LLaMA-2: 32000) -> {tokenizer_model}")
+
+    with reporter.step(STEP_TITLES[2]) as step:
+        llama = pretrain_tiny_llama(paths.corpus.pretrain_jsonl, tokenizer_model, paths.meta_llama,
+                                    spec=TinyLlamaSpec(), steps=size.llama_steps, seed=config.seed, device=device,
+                                    on_step=_progress_bar("pre-training tiny LLaMA", config.progress))
+        step.note(f"{llama['parameters'] / 1e6:.2f} M parameters, {llama['steps']} steps, final loss "
+                  f"{llama['final_loss']:.3f} ({llama['seconds']:.0f} s) -> {paths.meta_llama}")
+        run_script("convert_meta_checkpoint.py", ["--input_dir", paths.meta_llama, "--output_dir", paths.hf_llama,
+                                                  "--dtype", "float32", "--no_progress"], reporter)
+        step.note(f"converted to a Hugging Face LLaMA folder -> {paths.hf_llama}")
+        summary["llama"] = llama
+
+    with reporter.step(STEP_TITLES[3]) as step:
+        imagebind = pretrain_tiny_imagebind(paths.meta_imagebind, image_size=IMAGEBIND_IMAGE_SIZE,
+                                            held_out_examples=size.imagebind_held_out, steps=size.imagebind_steps,
+                                            seed=config.seed, device=device,
+                                            on_step=_progress_bar("pre-training tiny ImageBind", config.progress))
+        accuracy = ", ".join(f"{k} {v:.0%}" for k, v in imagebind["held_out_attribute_accuracy"].items())
+        step.note(f"{imagebind['parameters'] / 1e6:.2f} M parameters, {imagebind['steps']} steps; held-out attribute "
+                  f"accuracy of its pre-training heads (discarded): {accuracy}")
+        run_script("convert_imagebind_checkpoint.py", ["--checkpoint", paths.meta_imagebind, "--output_dir",
+                                                       paths.hf_imagebind, "--preset", "tiny", "--image_size",
+                                                       IMAGEBIND_IMAGE_SIZE], reporter)
+        step.note(f"converted to an ImageBindVisionModel folder -> {paths.hf_imagebind}")
+        summary["imagebind"] = imagebind
+
+    with reporter.step(STEP_TITLES[4]) as step:
+        builds = {
+            "cc3m": ["--source", "llava", "--json", paths.corpus.cc3m_json, "--media-dir", paths.corpus.cc3m_images],
+            "llava_instruct": ["--source", "llava", "--json", paths.corpus.instruct_json, "--media-dir",
+                               paths.corpus.instruct_images],
+            "videochat": ["--source", "videochat", "--json", paths.corpus.videochat_json, "--media-dir",
+                          paths.corpus.videochat_videos],
+        }
+        summary["datasets"] = {}
+        for name, source in builds.items():
+            run_script("build_datasets.py", [*source, "--encoder", paths.hf_imagebind, "--output", paths.dataset(name),
+                                             "--validation-ratio", "0.05", "--seed", config.seed, "--batch-size", 32,
+                                             "--num-workers", config.num_workers, "--overwrite",
+                                             *([] if config.progress else ["--no-progress"])], reporter)
+            manifest = json.loads((paths.dataset(name) / "manifest.json").read_text())
+            summary["datasets"][name] = manifest.get("counts", manifest)
+            step.note(f"{name}: {_dataset_counts(paths.dataset(name))} -> {paths.dataset(name)}")
+
+    train_common = ["--seed", str(config.seed)] + (["--use_cpu", "true"] if device == "cpu" else [])
+    if size.max_steps is not None:
+        train_common += ["--max_steps", str(size.max_steps)]
+    with reporter.step(STEP_TITLES[5]) as step:
+        run_script("train.py", [RECIPES_DIR / "stage1.yaml", "--model_name_or_path", paths.hf_llama,
+                                "--dataset_paths", paths.dataset("cc3m"), "--output_dir", paths.run(1),
+                                "--num_train_epochs", size.stage1_epochs, *train_common], reporter)
+        summary["stage1"] = _train_metrics(paths.run(1))
+        step.note(_format_train_metrics(summary["stage1"]) + f" -> {paths.run(1)} (TensorBoard: {paths.run(1)}/runs)")
+
+    with reporter.step(STEP_TITLES[6]) as step:
+        run_script("train.py", [RECIPES_DIR / "stage2.yaml", "--model_name_or_path", paths.run(1),
+                                "--dataset_paths", paths.dataset("llava_instruct"), paths.dataset("videochat"),
+                                "--output_dir", paths.run(2), "--num_train_epochs", size.stage2_epochs,
+                                *train_common], reporter)
+        summary["stage2"] = _train_metrics(paths.run(2))
+        step.note(_format_train_metrics(summary["stage2"]) + f" -> {paths.run(2)} (TensorBoard: {paths.run(2)}/runs)")
+
+    with reporter.step(STEP_TITLES[7]) as step:
+        run_script("convert_lora_checkpoint.py", [paths.run(2), paths.merged], reporter)
+        step.note(f"merged model (AutoModelForCausalLM.from_pretrained loads it) -> {paths.merged}")
+
+    with reporter.step(STEP_TITLES[8]) as step:
+        eval_items = read_eval_items(paths.corpus.eval_jsonl)
+        results = {}
+        for name, model_dir in (("after stage 1", paths.run(1)), ("after stage 2", paths.merged)):
+            key = name.replace(" ", "_")
+            predictions = run_generation_eval(model_dir, paths, key, reporter, device)
+            results[name] = accuracy_by_type(eval_items, predictions)
+        summary["accuracy"] = results
+        step.note("held-out answer accuracy (generation, greedy):\n" + format_accuracy_table(results))
+        summary["samples"] = sample_chats(eval_items, predictions, paths)
+        for sample in summary["samples"]:
+            step.note(f"[{sample['media']}] shows: {sample['description']}\n      Q: {sample['question']}\n"
+                      f"      A: {sample['answer']}   (reference: {sample['reference']})")
+        # Two live chats with the merged model, as a user would start them (streamed to the terminal).
+        live = [next((s for s in summary["samples"] if s["media_type"] == kind), None) for kind in ("image", "video")]
+        for sample in filter(None, live):
+            reporter.print(f"    chat about {sample['media']} ({sample['description']})")
+            run_script("chat.py", [paths.merged, "--imagebind", paths.hf_imagebind, "--temperature", "0",
+                                   "--max_new_tokens", "24", "--device", device, "--prompt", sample["question"],
+                                   f"--{sample['media_type']}", paths.corpus.eval_jsonl.parent / sample["media"]],
+                       reporter)
+
+    summary["timings_s"] = {title.split(":")[0]: round(s, 1) for title, s in reporter.timings.items()}
+    summary["total_s"] = round(time.monotonic() - started, 1)
+    paths.summary.write_text(json.dumps(summary, indent=2, default=str) + "\n")
+    reporter.print(f"\nDemo finished in {summary['total_s'] / 60:.1f} min. Outputs in {paths.root}:")
+    for label, path in (("merged model", paths.merged), ("datasets", paths.root / "datasets"),
+                        ("TensorBoard logs", paths.root / "runs"), ("eval results", paths.root / "eval"),
+                        ("summary", paths.summary)):
+        reporter.print(f"    {label:<17} {path}")
+    reporter.print(f"    tensorboard --logdir {paths.root / 'runs'}")
+    return summary
+
+
+def _dataset_counts(path: Path) -> str:
+    from datasets import load_from_disk
+
+    splits = load_from_disk(str(path))
+    return ", ".join(f"{split} {len(ds)} rows" for split, ds in splits.items())
+
+
+def _train_metrics(run_dir: Path) -> dict:
+    """Last logged train/eval loss and token accuracy of a run (Trainer's trainer_state.json)."""
+    state_file = run_dir / "trainer_state.json"
+    if not state_file.is_file():
+        return {}
+    history = json.loads(state_file.read_text()).get("log_history", [])
+    metrics: dict = {}
+    for entry in history:
+        metrics.update({k: v for k, v in entry.items() if isinstance(v, (int, float))})
+    return metrics
+
+
+def _format_train_metrics(metrics: dict) -> str:
+    keys = [("train_loss", "train loss {:.3f}"), ("eval_loss", "eval loss {:.3f}"),
+            ("eval_accuracy", "eval token accuracy {:.1%}"), ("global_step", "{:.0f} steps"),
+            ("train_runtime", "{:.0f} s")]
+    return ", ".join(fmt.format(metrics[k]) for k, fmt in keys if k in metrics) or "(no metrics logged)"
+
+
+def run_generation_eval(model_dir: Path, paths: DemoPaths, name: str, reporter: Reporter, device: str) -> dict[str, str]:
+    """Answers every held-out question by greedy generation from the raw media file (embedded by the converted
+    ImageBind folder, as in a user's chat) with `scripts/evaluate.py --qa_file`; returns {item id: answer}."""
+    output = paths.evaluation(name)
+    run_script("evaluate.py", [model_dir, "--qa_file", paths.corpus.eval_jsonl, "--imagebind", paths.hf_imagebind,
+                               "--max_new_tokens", "16", "--batch_size", "32", "--device", device,
+                               "--output", output], reporter)
+    examples = json.loads(output.read_text())["generation_eval"]["examples"]
+    return {example["id"]: example["prediction"] for example in examples}
+
+
+def sample_chats(eval_items: list[dict], predictions: dict[str, str], paths: DemoPaths, count: int = 4) -> list[dict]:
+    """A few held-out questions per media kind with the model's answer and what the media shows."""
+    seen_types: set[str] = set()
+    samples = []
+    for item in eval_items:
+        if item["type"] in seen_types or len(samples) >= count:
+            continue
+        seen_types.add(item["type"])
+        samples.append({"media": item["media"], "media_type": item["media_type"], "description": item.get("description", ""),
+                        "question": item["question"], "answer": predictions.get(item["id"], ""),
+                        "reference": item["answers"][0]})
+    return samples
+
+
+__all__ = ["DEMO_SIZES", "DemoConfig", "DemoPaths", "DemoSize", "Reporter", "StepError", "accuracy_by_type",
+           "format_accuracy_table", "run_demo", "run_script"]

@@ -360,7 +360,11 @@ def test_demo_smoke_end_to_end(tmp_path):
         assert list(paths.run(stage).rglob("events.out.tfevents.*")), f"no TensorBoard events for stage {stage}"
     assert paths.summary.is_file()
 
+    # It learns: every question type well above chance, the easiest image and video types nearly always right
+    # (measured at this size: 87-100% per type after stage 2; stage 1 alone stays near chance, see README).
     final = summary["accuracy"]["after stage 2"]
-    easiest = max(final, key=lambda t: final[t]["accuracy"] - final[t]["chance"])
-    assert final[easiest]["accuracy"] > final[easiest]["chance"] + 0.25, final
-    assert final["image_colour"]["accuracy"] > final["image_colour"]["chance"], final
+    for question_type, result in final.items():
+        assert result["accuracy"] > result["chance"] + 0.15, (question_type, final)
+    for media in ("image", "video"):
+        best = max(result["accuracy"] for question_type, result in final.items() if question_type.startswith(media))
+        assert best >= 0.8, (media, final)

@@ -1,41 +1,6 @@
 """Checkpoint conversion: Meta LLaMA-2 `consolidated.NN.pth` folders -> Hugging Face LLaMA folders."""
 
-from mm_llama.conversion.meta_llama import (
-    DTYPES,
-    LLAMA2_MAX_POSITION_EMBEDDINGS,
-    MetaCheckpointError,
-    MetaLlamaParams,
-    check_meta_shards,
-    convert_meta_llama,
-    ffn_hidden_size,
-    find_shard_files,
-    find_tokenizer_model,
-    iter_hf_weights,
-    llama_config_from_params,
-    load_meta_shards,
-    meta_to_hf_state_dict,
-    parse_size,
-    permute_for_rotate_half,
-    read_params,
-    save_weights_sharded,
-)
+from . import meta_llama
+from .meta_llama import *  # noqa: F401,F403  (the public names are meta_llama.__all__)
 
-__all__ = [
-    "DTYPES",
-    "LLAMA2_MAX_POSITION_EMBEDDINGS",
-    "MetaCheckpointError",
-    "MetaLlamaParams",
-    "check_meta_shards",
-    "convert_meta_llama",
-    "ffn_hidden_size",
-    "find_shard_files",
-    "find_tokenizer_model",
-    "iter_hf_weights",
-    "llama_config_from_params",
-    "load_meta_shards",
-    "meta_to_hf_state_dict",
-    "parse_size",
-    "permute_for_rotate_half",
-    "read_params",
-    "save_weights_sharded",
-]
+__all__ = list(meta_llama.__all__)

@@ -361,9 +361,9 @@ class MMLlamaForCausalLM(MMLlamaPreTrainedModel, GenerationMixin):
                 total, denominator = (token_losses * shift_weights).sum(), shift_weights.sum()
             if num_items_in_batch is not None:
                 denominator = num_items_in_batch
-            if isinstance(denominator, torch.Tensor):
-                denominator = denominator.to(total.device)
-            loss = total / denominator if (not isinstance(denominator, (int, float)) or denominator > 0) else total * 0.0
+            # A batch with no trained token has total 0: clamping keeps its loss 0 instead of 0/0.
+            denominator = torch.as_tensor(denominator, dtype=total.dtype, device=total.device)
+            loss = total / denominator.clamp(min=torch.finfo(total.dtype).tiny)
             with torch.no_grad():
                 num_correct = (trained_logits.argmax(dim=-1) == targets).sum()
                 num_trained = torch.tensor(targets.numel(), device=targets.device)

@@ -263,15 +263,19 @@ class MMLlamaProcessor(ProcessorMixin):
             placeholder = [self.media_token_id] * self.tokens_per_media
             out.media.append(media)
 
+        never_trained = (self.tokenizer.bos_token_id, self.media_token_id)
+
         def add(ids: list[int], is_answer: list[bool]) -> None:
             out.input_ids.extend(ids)
             for token_id, answer_token in zip(ids, is_answer):
                 if answer_token and trained:
-                    out.labels.append(token_id), out.loss_weights.append(1.0)
-                elif prompt_loss_weight > 0 and token_id not in (self.tokenizer.bos_token_id, self.media_token_id):
-                    out.labels.append(token_id), out.loss_weights.append(float(prompt_loss_weight))
+                    label, weight = token_id, 1.0
+                elif prompt_loss_weight > 0 and token_id not in never_trained:
+                    label, weight = token_id, float(prompt_loss_weight)
                 else:
-                    out.labels.append(IGNORE_INDEX), out.loss_weights.append(0.0)
+                    label, weight = IGNORE_INDEX, 0.0
+                out.labels.append(label)
+                out.loss_weights.append(weight)
 
         add([self.tokenizer.bos_token_id], [False])
         out.text += self.tokenizer.bos_token

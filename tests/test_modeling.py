@@ -278,3 +278,11 @@ def test_vision_tower_dimension_must_match_the_projector():
             vision_config=ImageBindVisionConfig.from_preset("tiny", projection_dim=32),
             media_embed_dim=MEDIA_DIM,
         )
+
+
+def test_a_batch_without_trained_tokens_has_zero_loss():
+    model = make_model()
+    ids = random_ids(1, 6)
+    with torch.no_grad():
+        out = model(input_ids=ids, labels=torch.full_like(ids, -100))
+    assert out.loss.item() == 0.0 and out.num_trained_tokens.item() == 0

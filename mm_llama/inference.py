@@ -25,8 +25,8 @@ import torch
 from transformers import AutoModelForCausalLM, AutoProcessor, BatchFeature, TextIteratorStreamer
 
 from .processing_mm_llama import MMLlamaProcessor, normalize_conversation
+from .dtypes import DTYPES
 
-DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 EMBEDDING_SUFFIXES = (".pt", ".pth", ".bin", ".npy", ".safetensors")
 VIDEO_SUFFIXES = (".mp4", ".avi", ".mov", ".mkv", ".webm", ".m4v", ".mpg", ".mpeg", ".wmv", ".flv")
 # Modules kept in full precision under 4-bit loading: the projector and vision tower are small and precision

@@ -11,18 +11,16 @@ from __future__ import annotations
 import argparse
 import sys
 
-import torch
-
+from mm_llama.dtypes import DTYPES
 from mm_llama.imagebind import ImageBindVisionConfig, convert_imagebind_checkpoint
 
-_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--checkpoint", required=True, help="Meta's imagebind_huge.pth (flat state dict).")
     parser.add_argument("--output_dir", required=True, help="Folder to write config.json + model.safetensors into.")
-    parser.add_argument("--dtype", choices=sorted(_DTYPES), default="float32", help="Dtype of the saved weights.")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32", help="Dtype of the saved weights.")
     parser.add_argument(
         "--preset",
         choices=["huge", "tiny"],
@@ -38,7 +36,7 @@ def main(argv: list[str] | None = None) -> int:
         config = ImageBindVisionConfig.from_preset(args.preset, **overrides)
     try:
         output = convert_imagebind_checkpoint(
-            args.checkpoint, args.output_dir, config=config, dtype=_DTYPES[args.dtype]
+            args.checkpoint, args.output_dir, config=config, dtype=DTYPES[args.dtype]
         )
     except (FileNotFoundError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)

@@ -33,6 +33,8 @@ from typing import Any
 
 import torch
 
+from ..dtypes import DTYPES
+
 logger = logging.getLogger(__name__)
 
 PARAMS_FILE = "params.json"
@@ -40,7 +42,6 @@ TOKENIZER_FILE = "tokenizer.model"
 SHARD_GLOB = "consolidated.*.pth"
 _SHARD_RE = re.compile(r"^consolidated\.(\d+)\.pth$")
 
-DTYPES: dict[str, torch.dtype] = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 
 # LLaMA-2 was trained with a 4096-token context; params.json does not record it.
 LLAMA2_MAX_POSITION_EMBEDDINGS = 4096

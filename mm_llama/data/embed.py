@@ -12,10 +12,11 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
+from ..dtypes import DTYPES
+
 from .media import MediaDecodeDataset, MediaItem, collate_media
 from .shards import STATUS_OK, ShardWriter, shard_range
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 # Config keys that do not change what the encoder computes, left out of its hash.
 _VOLATILE_CONFIG_KEYS = {"transformers_version", "_name_or_path", "dtype", "torch_dtype", "architectures"}

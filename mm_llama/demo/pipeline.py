@@ -223,13 +223,9 @@ class DemoConfig:
         return replace(size, max_steps=self.steps) if self.steps is not None else size
 
     def resolved_device(self) -> str:
-        import torch
+        from ..inference import resolve_device
 
-        if self.device == "auto":
-            return "cuda" if torch.cuda.is_available() else "cpu"
-        if self.device.startswith("cuda") and not torch.cuda.is_available():
-            raise ValueError(f"--device {self.device} was asked for but no CUDA GPU is visible to PyTorch.")
-        return self.device
+        return str(resolve_device(self.device))
 
 
 STEP_TITLES = (

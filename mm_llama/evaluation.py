@@ -1,9 +1,9 @@
 """Evaluation: loss and next-token accuracy over a built dataset's split, and a generation eval over a JSONL of
 questions about media with reference answers (exact-match / contains-match), written as JSON.
 
-Token accuracy is measured as in training: on the tokens that carry a label (the assistant answers and their EOS with
-the processor's default `train_on="all"`), the argmax prediction at position t must equal token t+1. The original
-MM-LLaMA reported about 70% on its validation split.
+Token accuracy and answer loss are those of training (`mm_llama.loss_mm_llama`): next-token argmax accuracy and mean
+cross-entropy over the ANSWER tokens, the original MM-LLaMA's definition (its published validation figures: 50.7%
+after stage 1, 68.0% after stage 2).
 """
 
 from __future__ import annotations
@@ -15,7 +15,6 @@ import string
 from pathlib import Path
 from typing import Any, Sequence
 
-import numpy as np
 import torch
 
 from .inference import (
@@ -34,29 +33,22 @@ from .processing_mm_llama import MMLlamaProcessor, TrainOn
 
 def load_split(dataset: Any, split: str = "validation"):
     """A split of a built dataset: `dataset` is a `save_to_disk` folder, a `DatasetDict` or a `Dataset`."""
-    from datasets import Dataset, DatasetDict, load_from_disk
+    from datasets import Dataset, DatasetDict
+
+    from .training.data import REQUIRED_COLUMNS, load_built_dataset
 
     if isinstance(dataset, (str, Path)):
-        if not Path(dataset).is_dir():
-            raise FileNotFoundError(f"Dataset folder {dataset} does not exist; build it with scripts/build_datasets.py.")
-        dataset = load_from_disk(str(dataset))
+        dataset = load_built_dataset(dataset)
     if isinstance(dataset, DatasetDict):
         if split not in dataset:
             raise ValueError(f"The dataset has no {split!r} split (it has {sorted(dataset)}); pass --split.")
         dataset = dataset[split]
     if not isinstance(dataset, Dataset):
         raise TypeError(f"Expected a datasets.Dataset or DatasetDict, got {type(dataset).__name__}.")
-    missing = {"messages", "media_types", "media_embeds"} - set(dataset.column_names)
+    missing = sorted(set(REQUIRED_COLUMNS) - set(dataset.column_names))
     if missing:
-        raise ValueError(f"The dataset lacks the built-dataset columns {sorted(missing)} (see DESIGN.md data flow).")
+        raise ValueError(f"The dataset lacks the built-dataset columns {missing} (see DESIGN.md data flow).")
     return dataset
-
-
-def _media_embeds_of(rows: dict[str, list]) -> torch.Tensor | None:
-    """The batch's media embeddings in placeholder order: `[total_media, tokens_per_media, dim]`, or None."""
-    tensors = [torch.as_tensor(np.asarray(embeds, dtype=np.float32)) for embeds, types in
-               zip(rows["media_embeds"], rows["media_types"]) if len(types)]
-    return torch.cat(tensors) if tensors else None
 
 
 def evaluate_loss(
@@ -68,45 +60,63 @@ def evaluate_loss(
     batch_size: int = 8,
     max_examples: int | None = None,
     train_on: TrainOn = "all",
+    prompt_loss_weight: float = 0.0,
+    max_seq_len: int | None = None,
+    truncation: str = "truncate",
 ) -> dict[str, Any]:
-    """Mean next-token loss and accuracy over the labelled tokens of a split, pooled over all its tokens.
+    """Loss, answer loss and token accuracy over a split, computed by `MMLlamaTrainer.evaluate` — the same code and
+    the same definitions as the training logs (`mm_llama.loss_mm_llama`), pooled over the whole split.
 
+    Args:
+        train_on / prompt_loss_weight / max_seq_len / truncation: as in the training recipe, so that the figures
+            equal the run's eval metrics; `token_accuracy` and `answer_loss` count answer tokens only whatever the
+            prompt weight. `max_seq_len=None` evaluates whole conversations.
     Returns:
-        {"split", "num_examples", "num_tokens", "loss", "perplexity", "token_accuracy"}
+        {"split", "num_examples", "num_answer_tokens", "loss", "answer_loss", "perplexity" (exp of answer_loss),
+         "token_accuracy"}
     """
+    import tempfile
+
+    from transformers import PrinterCallback
+
+    from .data.collator import MMLlamaDataCollator
+    from .training.arguments import MMLlamaTrainingArguments
+    from .training.data import add_lengths, filter_by_length
+    from .training.trainer import MMLlamaTrainer
+
     rows = load_split(dataset, split)
     if max_examples is not None:
         rows = rows.select(range(min(max_examples, len(rows))))
+    if max_seq_len is not None and truncation == "drop":
+        rows = filter_by_length(add_lengths(rows, processor, train_on), max_seq_len, name=f"{split} split")
     if len(rows) == 0:
         raise ValueError(f"The {split!r} split is empty.")
+    if getattr(model, "is_quantized", False) and not hasattr(model, "peft_config"):
+        raise ValueError("Loss evaluation runs through the Trainer, which refuses a quantized model without an "
+                         "adapter: evaluate the stage-2 adapter folder with --load_in_4bit, or drop --load_in_4bit.")
     device = next(model.parameters()).device
-    total_loss, total_correct, total_tokens = 0.0, 0, 0
-    model.eval()
-    for start in range(0, len(rows), batch_size):
-        batch = rows[start:start + batch_size]
-        records = [
-            {"id": row_id, "messages": messages, "media": [{"type": media_type} for media_type in media_types]}
-            for row_id, messages, media_types in zip(batch["id"], batch["messages"], batch["media_types"])
-        ]
-        inputs = processor(records, media_embeds=_media_embeds_of(batch), train_on=train_on, padding_side="right")
-        inputs = {name: value.to(device) for name, value in inputs.items()}
-        with torch.no_grad():
-            output = model(**inputs, logits_for_labels_only=True)
-        num_tokens = int(output.num_trained_tokens)
-        # The model's loss is this batch's mean; weighting by its token count pools the mean over the whole split.
-        total_loss += float(output.loss) * num_tokens
-        total_correct += int(output.num_correct_tokens)
-        total_tokens += num_tokens
-    if total_tokens == 0:
-        raise ValueError(f"The {split!r} split has no labelled (assistant) tokens to evaluate.")
-    loss = total_loss / total_tokens
+    collator = MMLlamaDataCollator(processor, max_seq_len=max_seq_len, truncation=truncation, train_on=train_on,
+                                   prompt_loss_weight=prompt_loss_weight)
+    with tempfile.TemporaryDirectory() as output_dir:
+        args = MMLlamaTrainingArguments(
+            output_dir=output_dir, per_device_eval_batch_size=batch_size, report_to="none", disable_tqdm=True,
+            dataloader_num_workers=0, use_cpu=device.type == "cpu",
+        )
+        trainer = MMLlamaTrainer(model=model, args=args, data_collator=collator, processing_class=processor)
+        trainer.remove_callback(PrinterCallback)  # the caller reports the figures
+        metrics = trainer.evaluate(rows.with_format("numpy", columns=["media_embeds"], output_all_columns=True),
+                                   metric_key_prefix="eval")
+        answer_tokens = int(trainer.last_eval_answer_tokens)
+    if answer_tokens == 0:
+        raise ValueError(f"The {split!r} split has no answer tokens to evaluate.")
     return {
         "split": split,
         "num_examples": len(rows),
-        "num_tokens": total_tokens,
-        "loss": loss,
-        "perplexity": math.exp(min(loss, 700.0)),
-        "token_accuracy": total_correct / total_tokens,
+        "num_answer_tokens": answer_tokens,
+        "loss": metrics["eval_loss"],
+        "answer_loss": metrics["eval_answer_loss"],
+        "perplexity": math.exp(min(metrics["eval_answer_loss"], 700.0)),
+        "token_accuracy": metrics["eval_token_accuracy"],
     }
 
 

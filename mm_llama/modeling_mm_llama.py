@@ -15,11 +15,13 @@ from pathlib import Path
 import torch
 from torch import nn
 from transformers import GenerationMixin, LlamaForCausalLM, PreTrainedModel
+from transformers.modeling_utils import slice_logits_to_keep
 from transformers.activations import ACT2FN
 from transformers.cache_utils import Cache
 from transformers.utils import ModelOutput
 
 from .configuration_mm_llama import MMLlamaConfig
+from .loss_mm_llama import token_loss_stats, token_stats_from_logits
 
 # Inputs that describe the prompt's media; generation passes them on the prefill step only.
 MEDIA_INPUT_NAMES = ("media_embeds", "pixel_values", "video_pixel_values", "media_type_ids")
@@ -30,10 +32,10 @@ IMAGE_TYPE_ID, VIDEO_TYPE_ID = 0, 1
 class MMLlamaCausalLMOutput(ModelOutput):
     """Output of [`MMLlamaForCausalLM`].
 
-    loss: (weighted) mean next-token cross-entropy over trained tokens.
+    loss: the optimised loss, sum(w * CE) / sum(w) over the trained next-token targets (see `loss_mm_llama`).
     logits: [batch, seq_len, vocab], or [num_trained_tokens, vocab] with `logits_for_labels_only=True`.
-    num_correct_tokens / num_trained_tokens: next-token accuracy counts over the tokens with a label, for metrics
-        that are summed over batches and processes before dividing.
+    num_correct_tokens / num_answer_tokens / answer_loss_sum: sums over the ANSWER targets (argmax hits, count, CE)
+        from which `token_accuracy` and `answer_loss` are computed after summing over batches and processes.
     """
 
     loss: torch.FloatTensor | None = None
@@ -42,7 +44,8 @@ class MMLlamaCausalLMOutput(ModelOutput):
     hidden_states: tuple[torch.FloatTensor, ...] | None = None
     attentions: tuple[torch.FloatTensor, ...] | None = None
     num_correct_tokens: torch.LongTensor | None = None
-    num_trained_tokens: torch.LongTensor | None = None
+    num_answer_tokens: torch.LongTensor | None = None
+    answer_loss_sum: torch.FloatTensor | None = None
 
 
 class MMLlamaProjector(nn.Module):
@@ -292,6 +295,7 @@ class MMLlamaForCausalLM(MMLlamaPreTrainedModel, GenerationMixin):
         inputs_embeds: torch.Tensor | None = None,
         labels: torch.LongTensor | None = None,
         loss_weights: torch.Tensor | None = None,
+        answer_mask: torch.Tensor | None = None,
         use_cache: bool | None = None,
         logits_to_keep: int | torch.Tensor = 0,
         logits_for_labels_only: bool = False,
@@ -307,6 +311,8 @@ class MMLlamaForCausalLM(MMLlamaPreTrainedModel, GenerationMixin):
             labels: [batch, seq_len] target ids, -100 where no loss is taken; shifted inside, as in HF models.
             loss_weights: [batch, seq_len] per-token loss weights aligned with `labels` (e.g. 1 on answers and
                 `prompt_loss_weight` on the prompt); the loss is sum(weight * CE) / sum(weight).
+            answer_mask: [batch, seq_len] bool, True on answer tokens (aligned with `labels`); token accuracy and
+                answer loss count only those. None: every labelled token is an answer token (prompt_loss_weight 0).
             logits_for_labels_only: with labels, apply the LM head only where a loss is taken (the LM head over
                 a 32k vocabulary dominates a training step); `logits` is then [num_trained_tokens, vocab].
             num_items_in_batch: denominator for the loss over a whole gradient-accumulation batch (HF Trainer):
@@ -341,35 +347,24 @@ class MMLlamaForCausalLM(MMLlamaPreTrainedModel, GenerationMixin):
         hidden_states = outputs.last_hidden_state
         lm_head = self.language_model.lm_head
 
-        loss = num_correct = num_trained = None
+        loss = stats = None
         if labels is not None:
             # Position t predicts token t+1.
-            shift_labels = labels[:, 1:]
-            trained = shift_labels != -100
-            shift_weights = loss_weights[:, 1:][trained].float() if loss_weights is not None else None
-            targets = shift_labels[trained]
+            trained = labels[:, 1:] != -100
+            targets = labels[:, 1:][trained]
+            weights = loss_weights[:, 1:][trained] if loss_weights is not None else None
+            answers = answer_mask[:, 1:][trained].bool() if answer_mask is not None else None
             if logits_for_labels_only:
-                logits = lm_head(hidden_states[:, :-1][trained])
-                trained_logits = logits
+                stats, logits = token_loss_stats(hidden_states[:, :-1][trained], lm_head, targets, weights, answers)
             else:
                 logits = lm_head(hidden_states)
-                trained_logits = logits[:, :-1][trained]
-            token_losses = nn.functional.cross_entropy(trained_logits.float(), targets, reduction="none")
-            if shift_weights is None:
-                total, denominator = token_losses.sum(), targets.numel()
-            else:
-                total, denominator = (token_losses * shift_weights).sum(), shift_weights.sum()
-            if num_items_in_batch is not None:
-                denominator = num_items_in_batch
-            # A batch with no trained token has total 0: clamping keeps its loss 0 instead of 0/0.
-            denominator = torch.as_tensor(denominator, dtype=total.dtype, device=total.device)
-            loss = total / denominator.clamp(min=torch.finfo(total.dtype).tiny)
-            with torch.no_grad():
-                num_correct = (trained_logits.argmax(dim=-1) == targets).sum()
-                num_trained = torch.tensor(targets.numel(), device=targets.device)
+                stats = token_stats_from_logits(logits[:, :-1][trained], targets, weights, answers)
+            denominator = stats.weight_sum if num_items_in_batch is None else num_items_in_batch
+            # A batch with no trained token has a zero sum: clamping keeps its loss 0 instead of 0/0.
+            denominator = torch.as_tensor(denominator, dtype=torch.float32, device=stats.weighted_loss_sum.device)
+            loss = stats.weighted_loss_sum / denominator.clamp(min=torch.finfo(torch.float32).tiny)
         else:
-            slice_indices = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
-            logits = lm_head(hidden_states[:, slice_indices, :])
+            logits = lm_head(slice_logits_to_keep(hidden_states, logits_to_keep))
 
         return MMLlamaCausalLMOutput(
             loss=loss,
@@ -377,8 +372,9 @@ class MMLlamaForCausalLM(MMLlamaPreTrainedModel, GenerationMixin):
             cache=outputs.cache if hasattr(outputs, "cache") else None,
             hidden_states=outputs.hidden_states,
             attentions=outputs.attentions,
-            num_correct_tokens=num_correct,
-            num_trained_tokens=num_trained,
+            num_correct_tokens=stats.answer_correct if stats is not None else None,
+            num_answer_tokens=stats.answer_tokens if stats is not None else None,
+            answer_loss_sum=stats.answer_loss_sum if stats is not None else None,
         )
 
     def prepare_inputs_for_generation(self, input_ids, cache=None, is_first_iteration=False, **kwargs):

@@ -78,6 +78,7 @@ class EncodedConversation:
     input_ids: list[int] = field(default_factory=list)
     labels: list[int] = field(default_factory=list)
     loss_weights: list[float] = field(default_factory=list)
+    answer_mask: list[bool] = field(default_factory=list)
     media: list[dict] = field(default_factory=list)
     text: str = ""
 
@@ -219,7 +220,9 @@ class MMLlamaProcessor(ProcessorMixin):
 
         Labels carry the token id on trained tokens, -100 elsewhere; loss_weights is 1.0 on trained answer tokens
         (and their EOS), `prompt_loss_weight` on other text tokens when it is > 0 (those then get labels too), and
-        0 on BOS and media placeholders, which are never trained.
+        0 on BOS and media placeholders, which are never trained. answer_mask is True on the trained answer tokens:
+        the tokens that token accuracy counts. With `train_on="last"` the earlier answers are prompt, as in the
+        original MM-LLaMA (only the last answer is a completion).
         """
         if train_on not in ("all", "last"):
             raise ValueError(f"train_on must be 'all' or 'last', got {train_on!r}.")
@@ -268,6 +271,7 @@ class MMLlamaProcessor(ProcessorMixin):
         def add(ids: list[int], is_answer: list[bool]) -> None:
             out.input_ids.extend(ids)
             for token_id, answer_token in zip(ids, is_answer):
+                out.answer_mask.append(answer_token and trained)
                 if answer_token and trained:
                     label, weight = token_id, 1.0
                 elif prompt_loss_weight > 0 and token_id not in never_trained:
@@ -354,7 +358,9 @@ class MMLlamaProcessor(ProcessorMixin):
         if with_labels:
             features["labels"] = [padded(enc.labels, IGNORE_INDEX) for enc in encoded]
         if with_loss_weights:
+            # Prompt tokens carry labels too, so the answer tokens (what token accuracy counts) need their own mask.
             features["loss_weights"] = [padded(enc.loss_weights, 0.0) for enc in encoded]
+            features["answer_mask"] = [padded(enc.answer_mask, False) for enc in encoded]
         return features
 
     def prepare_media(self, media: list[dict], media_embeds=None) -> dict[str, Any]:

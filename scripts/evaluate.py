@@ -22,7 +22,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("model", help="MM-LLaMA model folder")
     parser.add_argument("--dataset", help="built dataset folder (datasets.save_to_disk) for loss/accuracy")
     parser.add_argument("--split", default="validation")
-    parser.add_argument("--train_on", choices=["all", "last"], default="all", help="which answers carry labels")
+    parser.add_argument("--train_on", choices=["all", "last"], default="all",
+                        help="which answers are trained answers (as in the recipe); 'last': earlier ones are prompt")
+    parser.add_argument("--prompt_loss_weight", type=float, default=0.0,
+                        help="as in the recipe, so that 'loss' equals the run's eval_loss (accuracy counts answers only)")
+    parser.add_argument("--max_seq_len", type=int, default=None, help="as in the recipe (default: whole conversations)")
+    parser.add_argument("--truncation", choices=["truncate", "drop"], default="truncate", help="as in the recipe")
     parser.add_argument("--qa_file", help="JSONL of {media, question, answers} for the generation eval")
     parser.add_argument("--system", default=None, help="system prompt for the generation eval")
     parser.add_argument("--max_new_tokens", type=int, default=64)
@@ -52,7 +57,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.dataset:
             results["loss_eval"] = evaluation.evaluate_loss(
                 model, processor, args.dataset, split=args.split, batch_size=args.batch_size,
-                max_examples=args.max_examples, train_on=args.train_on,
+                max_examples=args.max_examples, train_on=args.train_on, prompt_loss_weight=args.prompt_loss_weight,
+                max_seq_len=args.max_seq_len, truncation=args.truncation,
             )
         if args.qa_file:
             embedder = inference.MediaEmbedder.for_model(model, processor, imagebind=args.imagebind,

@@ -50,7 +50,7 @@ def setup(tmp_path_factory, spm_model_path):
     return root, stage1, AutoModelForCausalLM.from_pretrained(stage1).eval(), MMLlamaProcessor.from_pretrained(stage1)
 
 
-def test_loss_and_accuracy_pool_over_all_labelled_tokens(setup):
+def test_loss_and_accuracy_pool_over_all_answer_tokens(setup):
     root, _, model, processor = setup
     total, correct, count = 0.0, 0, 0
     for row in built_rows(0):  # one example at a time, no padding, loss by hand
@@ -65,8 +65,9 @@ def test_loss_and_accuracy_pool_over_all_labelled_tokens(setup):
         correct += int((logits[trained].argmax(-1) == targets[trained]).sum())
         count += int(trained.sum())
     result = evaluate_loss(model, processor, root / "built", batch_size=3)  # batches of 3 + 1, right-padded
-    assert result["num_examples"] == 4 and result["num_tokens"] == count and result["split"] == "validation"
+    assert result["num_examples"] == 4 and result["num_answer_tokens"] == count and result["split"] == "validation"
     assert result["loss"] == pytest.approx(total / count, rel=1e-5)
+    assert result["answer_loss"] == pytest.approx(total / count, rel=1e-5)  # no prompt weight: the same tokens
     assert result["token_accuracy"] == pytest.approx(correct / count)
     assert result["perplexity"] == pytest.approx(torch.tensor(total / count).exp().item(), rel=1e-5)
     assert evaluate_loss(model, processor, root / "built", batch_size=1) == pytest.approx(result)

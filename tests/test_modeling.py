@@ -122,7 +122,16 @@ def test_loss_honours_labels_and_weights_by_hand():
         weighted = model(input_ids=ids, media_embeds=embeds, labels=labels_weighted, loss_weights=weights)
     w = weights[0, 1:]
     torch.testing.assert_close(weighted.loss, (ce * w).sum() / w.sum())
-    assert weighted.num_trained_tokens.item() == 9
+    assert weighted.num_answer_tokens.item() == 9  # no answer_mask: every labelled token counts
+    # With an answer mask, accuracy and answer loss count only the answers; the optimised loss is unchanged.
+    answer_mask = torch.zeros(1, 10, dtype=torch.bool)
+    answer_mask[0, 3:] = True
+    with torch.no_grad():
+        masked_answers = model(input_ids=ids, media_embeds=embeds, labels=labels_weighted, loss_weights=weights,
+                               answer_mask=answer_mask)
+    torch.testing.assert_close(masked_answers.loss, weighted.loss)
+    assert masked_answers.num_answer_tokens.item() == 7
+    torch.testing.assert_close(masked_answers.answer_loss_sum, ce[2:].sum())
 
 
 def test_logits_for_labels_only_gives_the_same_loss_and_accuracy():
@@ -137,7 +146,7 @@ def test_logits_for_labels_only_gives_the_same_loss_and_accuracy():
     assert sparse.logits.shape == (2 * 7, 320)
     torch.testing.assert_close(sparse.logits, full.logits[:, 4:-1].reshape(-1, 320))
     assert sparse.num_correct_tokens == full.num_correct_tokens
-    assert full.num_trained_tokens.item() == 14
+    assert full.num_answer_tokens.item() == 14
     predicted = full.logits[:, :-1].argmax(-1)
     assert full.num_correct_tokens.item() == int((predicted == ids[:, 1:])[:, 4:].sum())
 
@@ -285,4 +294,4 @@ def test_a_batch_without_trained_tokens_has_zero_loss():
     ids = random_ids(1, 6)
     with torch.no_grad():
         out = model(input_ids=ids, labels=torch.full_like(ids, -100))
-    assert out.loss.item() == 0.0 and out.num_trained_tokens.item() == 0
+    assert out.loss.item() == 0.0 and out.num_answer_tokens.item() == 0

@@ -71,37 +71,67 @@ def test_prompt_loss_weight_matches_a_hand_computation(trainer):
     assert abs(got - trainer_loss(trainer, [plain(group) for group in groups])) > 1e-3
 
 
-def test_token_accuracy_is_aggregated_over_accumulation_steps_and_eval_loss_over_tokens(llama_dir, dataset_dir,
-                                                                                        tmp_path):
+def original_metrics(logits: torch.Tensor, targets: torch.Tensor, completion: torch.Tensor) -> tuple[float, int, float]:
+    """The original MM-LLaMA's definition, re-stated: its loss mask is -1 on prompt tokens, 1 on completion tokens
+    and 0 on padding, and accuracy counts the argmax hits where the mask is 1 (completion = answer tokens only).
+    Returns (correct, completion count, summed CE over completion tokens) for one batch."""
+    loss_mask = torch.where(completion, 1, -1)
+    hits = (logits.argmax(-1) == targets) & (loss_mask == 1)
+    ce = F.cross_entropy(logits.transpose(1, 2), targets, reduction="none")
+    return hits.sum().item(), int((loss_mask == 1).sum()), (ce * (loss_mask == 1)).sum().item()
+
+
+def test_token_accuracy_and_answer_loss_count_answers_only_in_logs_evaluate_and_evaluate_script(
+        llama_dir, dataset_dir, tmp_path):
+    weight = 0.05  # stage 2's prompt loss weight: prompt tokens carry labels, but accuracy must not count them
     args = stage1_args(llama_dir, [dataset_dir], tmp_path, max_steps=1, per_device_train_batch_size=2,
                        gradient_accumulation_steps=2, train_sampling_strategy="sequential",
-                       per_device_eval_batch_size=3, prompt_loss_weight=0.5)
+                       per_device_eval_batch_size=3, prompt_loss_weight=weight)
     trainer = build_trainer(*parse_args(args))
     collator = trainer.data_collator
+    answers_only = MMLlamaDataCollator(trainer.processing_class, max_seq_len=collator.max_seq_len,
+                                       truncation=collator.truncation)  # labels on the answers only
 
-    def counts(batch):
+    def sums(group):
+        """(correct, answers, answer CE, labelled tokens) of one micro-batch, from full logits."""
+        batch = collator(group)
         with torch.no_grad():
             logits = trainer.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                                    media_embeds=batch["media_embeds"]).logits[:, :-1]
-        trained = batch["labels"][:, 1:] != IGNORE_INDEX
-        correct = (logits.argmax(-1) == batch["labels"][:, 1:]) & trained
-        return correct.sum().item(), trained.sum().item()
+        completion = answers_only(group)["labels"][:, 1:] != IGNORE_INDEX
+        labelled = int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
+        return (*original_metrics(logits, batch["input_ids"][:, 1:], completion), labelled)
 
     trainer.model.eval()
-    train_counts = [counts(collator(rows(trainer, i, i + 2))) for i in (0, 2)]
-    expected_accuracy = sum(c for c, _ in train_counts) / sum(t for _, t in train_counts)
-    assert 0 < expected_accuracy < 1
+    train = [sums(rows(trainer, i, i + 2)) for i in (0, 2)]
+    assert sum(t[3] for t in train) > sum(t[1] for t in train) > 0  # prompt tokens are labelled, not counted
+    expected_accuracy = sum(t[0] for t in train) / sum(t[1] for t in train)
+    expected_answer_loss = sum(t[2] for t in train) / sum(t[1] for t in train)
 
     eval_rows = [trainer.eval_dataset[i] for i in range(len(trainer.eval_dataset))]
+    evals = [sums(eval_rows[i:i + 3]) for i in range(0, len(eval_rows), 3)]
     eval_batches = [collator(eval_rows[i:i + 3]) for i in range(0, len(eval_rows), 3)]
-    eval_counts = [counts(batch) for batch in eval_batches]
     weighted = [(token_losses(trainer.model, b) * b["loss_weights"][:, 1:]).sum() for b in eval_batches]
     expected_eval_loss = sum(weighted) / sum(b["loss_weights"][:, 1:].sum() for b in eval_batches)
-    metrics = trainer.evaluate()
-    assert metrics["eval_token_accuracy"] == pytest.approx(sum(c for c, _ in eval_counts) /
-                                                           sum(t for _, t in eval_counts))
-    assert metrics["eval_loss"] == pytest.approx(expected_eval_loss.item(), rel=1e-5)
+    expected_eval = {"eval_token_accuracy": sum(t[0] for t in evals) / sum(t[1] for t in evals),
+                     "eval_answer_loss": sum(t[2] for t in evals) / sum(t[1] for t in evals),
+                     "eval_loss": expected_eval_loss.item()}
 
+    # Caller 1: Trainer.evaluate, pooled over the whole eval set (batches of 3 + remainder).
+    metrics = trainer.evaluate()
+    assert {k: metrics[k] for k in expected_eval} == pytest.approx(expected_eval, rel=1e-5)
+
+    # Caller 2: scripts/evaluate.py's loss evaluation (one row per batch: pooling makes batching irrelevant).
+    from mm_llama.evaluation import evaluate_loss
+
+    result = evaluate_loss(trainer.model, trainer.processing_class, dataset_dir, batch_size=1,
+                           prompt_loss_weight=weight, max_seq_len=collator.max_seq_len)
+    assert {"eval_token_accuracy": result["token_accuracy"], "eval_answer_loss": result["answer_loss"],
+            "eval_loss": result["loss"]} == pytest.approx(expected_eval, rel=1e-5)
+    assert result["num_answer_tokens"] == sum(t[1] for t in evals)
+
+    # Caller 3: the training logs, summed over the two accumulation micro-batches.
     trainer.train()
     logged = [entry for entry in trainer.state.log_history if "loss" in entry]
     assert logged[0]["token_accuracy"] == pytest.approx(expected_accuracy, abs=1e-6)
+    assert logged[0]["answer_loss"] == pytest.approx(expected_answer_loss, rel=1e-5)

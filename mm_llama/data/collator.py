@@ -51,6 +51,7 @@ def truncate_encoded(encoded: EncodedConversation, max_len: int, media_token_id:
         input_ids=ids[:cut],
         labels=encoded.labels[:cut],
         loss_weights=encoded.loss_weights[:cut],
+        answer_mask=encoded.answer_mask[:cut],
         media=encoded.media[:kept_runs],
         text="",
     )
@@ -77,9 +78,10 @@ class MMLlamaDataCollator:
         train_on: "all" assistant turns or only the "last" one.
         pad_to_multiple_of: round the padded length up (e.g. 8 for tensor cores).
 
-    Returns (from `__call__`): `input_ids`, `attention_mask`, `labels` `[batch, seq_len]`, `loss_weights`
-    `[batch, seq_len]` when `prompt_loss_weight > 0`, and `media_embeds` `[total_media, tokens_per_media, dim]` in
-    placeholder order when the batch has media. Placeholder and media counts always agree.
+    Returns (from `__call__`): `input_ids`, `attention_mask`, `labels` `[batch, seq_len]`; `loss_weights` and
+    `answer_mask` (the answer tokens, which token accuracy counts) `[batch, seq_len]` when `prompt_loss_weight > 0`;
+    and `media_embeds` `[total_media, tokens_per_media, dim]` in placeholder order when the batch has media.
+    Placeholder and media counts always agree.
     """
 
     processor: MMLlamaProcessor
@@ -143,6 +145,7 @@ class MMLlamaDataCollator:
         }
         if "loss_weights" in features:
             batch["loss_weights"] = torch.tensor(features["loss_weights"], dtype=torch.float32)
+            batch["answer_mask"] = torch.tensor(features["answer_mask"], dtype=torch.bool)
         if media:
             batch["media_embeds"] = torch.from_numpy(np.concatenate(media, axis=0))
         return batch
@@ -152,7 +155,7 @@ class MMLlamaDataCollator:
         length = len(features["input_ids"][0])
         extra = -length % self.pad_to_multiple_of
         pad_values = {"input_ids": self.processor.pad_token_id, "attention_mask": 0, "labels": IGNORE_INDEX,
-                      "loss_weights": 0.0}
+                      "loss_weights": 0.0, "answer_mask": False}
         return {key: [row + [pad_values[key]] * extra for row in rows] for key, rows in features.items()}
 
 

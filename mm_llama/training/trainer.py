@@ -18,9 +18,10 @@ from transformers import Trainer
 from .setup import optimizer_param_groups
 
 TRAINABLE_WEIGHTS_NAME = "trainable_weights.safetensors"
-# Sums over the batches since the last report: correct tokens, trained tokens (train); plus loss x denominator and
-# denominator (evaluation, so that eval_loss is the mean over all trained tokens rather than over batches).
-_TRAIN_COUNTS, _EVAL_SUMS = 2, 4
+# Sums over the batches since the last report (training) or over the whole eval set (evaluation): correct answer
+# tokens, answer tokens, answer CE; evaluation adds loss x denominator and the denominator, so that eval_loss is the
+# weighted mean over all trained tokens rather than a mean of batch means.
+_TRAIN_SUMS, _EVAL_SUMS = 3, 5
 
 
 def _trained_weight_total(batch: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -32,6 +33,13 @@ def _trained_weight_total(batch: dict[str, torch.Tensor]) -> torch.Tensor:
     return trained.sum()
 
 
+def answer_metrics(correct: float, answers: float, answer_loss_sum: float) -> dict[str, float]:
+    """`token_accuracy` and `answer_loss` from sums over answer tokens (empty when there were none)."""
+    if answers <= 0:
+        return {}
+    return {"token_accuracy": correct / answers, "answer_loss": answer_loss_sum / answers}
+
+
 class MMLlamaTrainer(Trainer):
     """Trainer for `MMLlamaForCausalLM` (plain or PEFT-wrapped), with batches from `MMLlamaDataCollator`.
 
@@ -40,8 +48,10 @@ class MMLlamaTrainer(Trainer):
       total instead of the token count.
     - Logits only at trained positions (`logits_for_labels_only=True`): prompt and padding positions never go
       through the LM head.
-    - `token_accuracy` (next-token argmax accuracy on trained tokens) is logged next to `loss`, from the model's
-      counts summed over accumulation steps, logging interval and processes; `eval_token_accuracy` likewise.
+    - `token_accuracy` (next-token argmax accuracy on ANSWER tokens, the original MM-LLaMA's definition) and
+      `answer_loss` (mean CE on answer tokens) are logged next to `loss`, from the model's sums over accumulation
+      steps, logging interval and processes; `eval_token_accuracy` / `eval_answer_loss` likewise, pooled over the
+      whole eval set (see `mm_llama.loss_mm_llama`).
     - `projector_learning_rate` (MMLlamaTrainingArguments) gives the projector its own parameter groups.
     - `save_trainable_only`: checkpoints of a model with frozen weights and no PEFT wrapper (stage 1) hold only the
       trainable parameters (`trainable_weights.safetensors`) besides optimizer / scheduler / RNG / trainer state;
@@ -56,9 +66,10 @@ class MMLlamaTrainer(Trainer):
                              "(with loss weights and label-only logits). Set it to 0.")
         if self.compute_loss_func is not None:
             raise ValueError("compute_loss_func is not supported by MMLlamaTrainer: the model computes the loss.")
-        self._train_counts = torch.zeros(_TRAIN_COUNTS, dtype=torch.float64, device=self.args.device)
+        self._train_sums = torch.zeros(_TRAIN_SUMS, dtype=torch.float64, device=self.args.device)
         self._eval_sums = torch.zeros(_EVAL_SUMS, dtype=torch.float64, device=self.args.device)
         self._saving_checkpoint = False
+        self.last_eval_answer_tokens = 0
 
     # ---------------------------------------------------------------- loss
 
@@ -80,18 +91,19 @@ class MMLlamaTrainer(Trainer):
         return_outputs: bool = False,
         num_items_in_batch: torch.Tensor | int | None = None,
     ):
-        """The model's (weighted) loss with logits only at trained positions; records accuracy counts."""
+        """The model's (weighted) loss with logits only at trained positions; records the metric sums."""
         inputs = {**inputs, "logits_for_labels_only": True}
         loss, outputs = super().compute_loss(model, inputs, return_outputs=True,
                                              num_items_in_batch=num_items_in_batch)
         with torch.no_grad():
-            correct = outputs.num_correct_tokens.to(self._train_counts.device, torch.float64)
-            trained = outputs.num_trained_tokens.to(self._train_counts.device, torch.float64)
+            sums = torch.stack([outputs.num_correct_tokens, outputs.num_answer_tokens, outputs.answer_loss_sum])
+            sums = sums.to(self._train_sums.device, torch.float64)
             if model.training:
-                self._train_counts += torch.stack([correct, trained])
+                self._train_sums += sums
             else:
                 denominator = _trained_weight_total(inputs).to(self._eval_sums.device, torch.float64)
-                self._eval_sums += torch.stack([correct, trained, loss.detach().double() * denominator, denominator])
+                self._eval_sums += torch.cat([sums, torch.stack([loss.detach().double() * denominator,
+                                                                 denominator])])
         return (loss, outputs) if return_outputs else loss
 
     def prediction_step(self, model: nn.Module, inputs: dict[str, Any], prediction_loss_only: bool,
@@ -104,26 +116,27 @@ class MMLlamaTrainer(Trainer):
 
     def evaluation_loop(self, dataloader, description, prediction_loss_only=None, ignore_keys=None,
                         metric_key_prefix: str = "eval"):
-        """Adds `{prefix}_token_accuracy` and makes `{prefix}_loss` the mean over all trained tokens (weighted),
-        summed over processes."""
+        """Adds `{prefix}_token_accuracy` and `{prefix}_answer_loss` and makes `{prefix}_loss` the weighted mean over
+        all trained tokens, each pooled over the whole eval set and summed over processes."""
         self._eval_sums.zero_()
         output = super().evaluation_loop(dataloader, description, prediction_loss_only, ignore_keys,
                                          metric_key_prefix)
-        correct, trained, loss_sum, denominator = self.accelerator.reduce(self._eval_sums.clone(), "sum").tolist()
-        if trained > 0:
-            output.metrics[f"{metric_key_prefix}_token_accuracy"] = correct / trained
+        totals = self.accelerator.reduce(self._eval_sums.clone(), "sum").tolist()
+        correct, answers, answer_loss, loss_sum, denominator = totals
+        self.last_eval_answer_tokens = int(answers)  # how many tokens the accuracy counted (scripts/evaluate.py)
+        output.metrics.update({f"{metric_key_prefix}_{name}": value
+                               for name, value in answer_metrics(correct, answers, answer_loss).items()})
         if denominator > 0:
             output.metrics[f"{metric_key_prefix}_loss"] = loss_sum / denominator
         return output
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
-        """Adds `token_accuracy` to each training log (every process calls `log` at the same steps, so the counts
-        are summed across processes here)."""
+        """Adds `token_accuracy` and `answer_loss` to each training log (every process calls `log` at the same steps,
+        so the sums are added across processes here)."""
         if "loss" in logs:
-            correct, trained = self.accelerator.reduce(self._train_counts.clone(), "sum").tolist()
-            self._train_counts.zero_()
-            if trained > 0:
-                logs["token_accuracy"] = round(correct / trained, 6)
+            correct, answers, answer_loss = self.accelerator.reduce(self._train_sums.clone(), "sum").tolist()
+            self._train_sums.zero_()
+            logs.update({name: round(value, 6) for name, value in answer_metrics(correct, answers, answer_loss).items()})
         super().log(logs, start_time)
 
     # ---------------------------------------------------------------- optimizer
@@ -205,4 +218,4 @@ class MMLlamaTrainer(Trainer):
             super()._load_best_model()
 
 
-__all__ = ["MMLlamaTrainer", "TRAINABLE_WEIGHTS_NAME"]
+__all__ = ["MMLlamaTrainer", "TRAINABLE_WEIGHTS_NAME", "answer_metrics"]

@@ -43,7 +43,9 @@ class MMLlamaConfig(PreTrainedConfig):
         media_embed_dim: size of one media embedding vector (ImageBind-huge: 1024).
         tokens_per_media: how many placeholder tokens (and projected vectors) stand for one image or video.
         projector_type: "linear" (the original MM-LLaMA) or "mlp2x_gelu" (LLaVA-1.5's two-layer MLP).
-        projector_dropout: dropout on the projector output during training.
+        projector_dropout: dropout on the projector output during training (the original MM-LLaMA: 0.1 in stage 1).
+        projector_bias: whether the projector's linear layers have a bias (the original's 1024 -> 4096 Linear has
+            none).
         media_token_id: id of the placeholder token; LLaMA's `<unk>` (0), so no vocabulary change is needed.
 
     Example:
@@ -64,6 +66,7 @@ class MMLlamaConfig(PreTrainedConfig):
     tokens_per_media: int = 1
     projector_type: Literal["linear", "mlp2x_gelu"] = "linear"
     projector_dropout: float = 0.0
+    projector_bias: bool = True
     media_token_id: int = 0
     tie_word_embeddings: bool = False
 
@@ -78,6 +81,8 @@ class MMLlamaConfig(PreTrainedConfig):
         """Part of `@strict` validation."""
         if self.projector_type not in PROJECTOR_TYPES:
             raise ValueError(f"Unknown projector_type {self.projector_type!r}; choose one of {PROJECTOR_TYPES}.")
+        if not 0.0 <= self.projector_dropout < 1.0:
+            raise ValueError(f"projector_dropout must be in [0, 1), got {self.projector_dropout}.")
         if self.tokens_per_media < 1:
             raise ValueError(f"tokens_per_media must be >= 1, got {self.tokens_per_media}.")
         if self.vision_config is not None and self.tokens_per_media != 1:

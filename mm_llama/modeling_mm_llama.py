@@ -53,12 +53,13 @@ class MMLlamaProjector(nn.Module):
 
     def __init__(self, config: MMLlamaConfig):
         super().__init__()
-        hidden_size = config.text_config.hidden_size
+        hidden_size, bias = config.text_config.hidden_size, config.projector_bias
         if config.projector_type == "linear":
-            self.layers = nn.Sequential(nn.Linear(config.media_embed_dim, hidden_size))
+            self.layers = nn.Sequential(nn.Linear(config.media_embed_dim, hidden_size, bias=bias))
         else:  # "mlp2x_gelu", as LLaVA-1.5
             self.layers = nn.Sequential(
-                nn.Linear(config.media_embed_dim, hidden_size), ACT2FN["gelu"], nn.Linear(hidden_size, hidden_size)
+                nn.Linear(config.media_embed_dim, hidden_size, bias=bias), ACT2FN["gelu"],
+                nn.Linear(hidden_size, hidden_size, bias=bias),
             )
         self.dropout = nn.Dropout(config.projector_dropout)
 
@@ -79,6 +80,12 @@ class MMLlamaPreTrainedModel(PreTrainedModel):
     _supports_flex_attn = True
     _supports_attention_backend = True
 
+    @property
+    def is_gradient_checkpointing(self) -> bool:
+        """transformers' deprecated alias of `is_activation_checkpointing`, answered without its FutureWarning: PEFT
+        (0.21) reads the alias on every adapter load, which would warn in every stage-2 run, merge and chat."""
+        return self.is_activation_checkpointing
+
     @torch.no_grad()
     def _init_weights(self, module: nn.Module):
         # Sub-models (LLaMA, ImageBind) initialise their own modules; only the projector is ours.
@@ -87,7 +94,8 @@ class MMLlamaPreTrainedModel(PreTrainedModel):
             for layer in module.layers:
                 if isinstance(layer, nn.Linear):
                     nn.init.normal_(layer.weight, mean=0.0, std=std)
-                    nn.init.zeros_(layer.bias)
+                    if layer.bias is not None:
+                        nn.init.zeros_(layer.bias)
         else:
             super()._init_weights(module)
 

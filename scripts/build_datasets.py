@@ -4,7 +4,7 @@
 Examples:
     # Stage 1: LLaVA CC3M-595K
     python scripts/build_datasets.py --source llava --json cc3m/chat.json --media-dir cc3m/images \\
-        --encoder checkpoints/imagebind_huge --output data/stage1 --validation-ratio 0.01
+        --encoder checkpoints/imagebind_huge --output data/stage1
 
     # Stage 2: LLaVA-Instruct-150K + VideoChat-11K on every GPU of the machine
     accelerate launch scripts/build_datasets.py \\
@@ -25,7 +25,7 @@ import os
 
 from accelerate import PartialState
 
-from mm_llama.data import SOURCE_KINDS, SourceSpec, build_dataset, format_summary
+from mm_llama.data import DEFAULT_VALIDATION_RATIO, SOURCE_KINDS, SourceSpec, build_dataset, format_summary
 from mm_llama.data.embed import DTYPES, load_encoder
 
 
@@ -40,7 +40,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                        help="folder the media paths are relative to (default: the JSON file's folder)")
     group.add_argument("--max-samples", type=int, default=None, help="keep the first N valid records per source")
     group.add_argument("--max-turns", type=int, default=None,
-                       help="VideoChat: split dialogs into chunks of at most N question/answer pairs")
+                       help="VideoChat: split each dialog into consecutive chunks of at most N question/answer pairs, "
+                            "each a record of its own with the video on its first question; every pair is kept "
+                            "(default: whole dialogs). The original MM-LLaMA kept dialogs of up to 5 pairs whole and "
+                            "only the first 3 pairs of longer ones.")
     encoder = parser.add_argument_group("encoder")
     encoder.add_argument("--encoder", default=None, help="ImageBindVisionModel checkpoint folder")
     encoder.add_argument("--encoder-preset", default=None, help="random-init preset instead (e.g. tiny, for tests)")
@@ -53,7 +56,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     build.add_argument("--batch-size", type=int, default=32, help="media items per encoder call")
     build.add_argument("--num-workers", type=int, default=4, help="DataLoader processes decoding media")
     build.add_argument("--shard-size", type=int, default=1024, help="media items per resumable shard")
-    build.add_argument("--validation-ratio", type=float, default=0.0, help="fraction of records for validation")
+    build.add_argument("--validation-ratio", type=float, default=DEFAULT_VALIDATION_RATIO,
+                       help="fraction of records held out as the validation split (default 0.05, as the original "
+                            "MM-LLaMA; the recipes evaluate on it); 0: no validation split")
     build.add_argument("--seed", type=int, default=42, help="split seed (and random-init encoder seed)")
     build.add_argument("--overwrite", action="store_true", help="delete an earlier build in --output and restart")
     build.add_argument("--keep-shards", action="store_true", help="keep the embedding shards after success")

@@ -48,7 +48,7 @@ def test_missing_recipe_and_invalid_values_are_clear_errors(tmp_path):
         parse_args([write(tmp_path / "q.yaml", {"load_in_4bit": True, "stage": 1, "output_dir": str(tmp_path)})])
 
 
-def test_shipped_recipes_parse_with_the_original_hyper_parameters():
+def test_shipped_recipes_parse_with_their_values():
     overrides = ["--use_cpu", "true"]  # bf16 recipes are for GPUs; parsing them here needs use_cpu
     model, data, _, training = parse_args([str(RECIPES / "stage1.yaml"), *overrides])
     assert model.stage == 1 and data.max_seq_len == 512 and data.prompt_loss_weight == 0

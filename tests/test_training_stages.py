@@ -154,3 +154,38 @@ def _scalars(accumulator, tag):
 def test_stage2_refuses_a_plain_llama_folder(llama_dir, dataset_dir, tmp_path):
     with pytest.raises(ValueError, match="stage-1 output"):
         build_trainer(*parse_args(stage2_args(llama_dir, [dataset_dir], tmp_path)))
+
+
+def test_lora_on_lm_head_trains_and_merges_and_unknown_targets_list_the_valid_names(stage1_dir, dataset_dir,
+                                                                                   tmp_path):
+    from peft import PeftModel
+
+    from mm_llama.merge import merge_lora_checkpoint
+
+    output_dir = tmp_path / "out"
+    trainer = build_trainer(*parse_args(stage2_args(stage1_dir, [dataset_dir], output_dir, max_steps=3)
+                                        + ["--lora_target_modules", "q_proj", "v_proj", "lm_head"]))
+    head = {name for name, _ in trainer.model.named_parameters() if "lm_head.lora_" in name}
+    assert head, "lm_head got no LoRA adapter"
+    before = named_weights(trainer.model)
+    trainer.train()
+    trainer.save_model()
+    after = named_weights(trainer.model)
+    assert {name for name in head if "lora_B" in name and not torch.equal(before[name], after[name])}
+    saved = load_file(output_dir / "adapter_model.safetensors")  # no copy of the unchanged head or embeddings
+    assert not any("embed_tokens" in key or key.endswith("lm_head.weight") for key in saved)
+
+    batch = trainer.data_collator([trainer.train_dataset[i] for i in range(2)])
+    inputs = {key: batch[key] for key in ("input_ids", "attention_mask", "media_embeds")}
+    adapter = PeftModel.from_pretrained(MMLlamaForCausalLM.from_pretrained(stage1_dir), output_dir).eval()
+    merged = MMLlamaForCausalLM.from_pretrained(merge_lora_checkpoint(output_dir, tmp_path / "merged")).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(merged(**inputs).logits, adapter(**inputs).logits, rtol=1e-5, atol=1e-5)
+        base_logits = MMLlamaForCausalLM.from_pretrained(stage1_dir).eval()(**inputs).logits
+    assert (merged(**inputs).logits - base_logits).abs().max() > 1e-4  # the head's adapter changed the model
+
+    with pytest.raises(ValueError, match=r"lora_target_modules \['qproj'\] match no linear layer of the language "
+                                         r"model; valid names: \['down_proj', 'gate_proj', 'k_proj', 'lm_head', "
+                                         r"'o_proj', 'q_proj', 'up_proj', 'v_proj'\]"):
+        build_trainer(*parse_args(stage2_args(stage1_dir, [dataset_dir], tmp_path / "bad")
+                                  + ["--lora_target_modules", "qproj", "v_proj"]))

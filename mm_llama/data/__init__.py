@@ -7,7 +7,7 @@
 """
 
 from .assemble import dataset_features, split_dataset
-from .build import build_dataset, distinct_media, format_summary, read_all_sources
+from .build import DEFAULT_VALIDATION_RATIO, build_dataset, distinct_media, format_summary, read_all_sources
 from .records import SKIP_REASONS, RecordError, SkipLog, validate_record
 from .sources import (
     SOURCE_KINDS,
@@ -25,6 +25,7 @@ from .webvid import OfflineError, download_webvid
 from .collator import MMLlamaDataCollator
 
 __all__ = [
+    "DEFAULT_VALIDATION_RATIO",
     "MMLlamaDataCollator",
     "SKIP_REASONS",
     "SOURCE_KINDS",

@@ -48,6 +48,8 @@ logger = logging.getLogger(__name__)
 MANIFEST_FILE = "manifest.json"
 WORK_DIR = "_shards"
 MANIFEST_VERSION = 1
+# The original MM-LLaMA holds out 5% of every dataset for validation; the recipes evaluate on that split.
+DEFAULT_VALIDATION_RATIO = 0.05
 # What a build writes in its output folder; `overwrite` removes only these, never anything else a user keeps there.
 _BUILD_ARTEFACTS = (MANIFEST_FILE, "dataset_dict.json", "train", "validation", WORK_DIR)
 
@@ -121,7 +123,7 @@ def build_dataset(
     num_workers: int = 4,
     dtype: str = "float32",
     shard_size: int = 1024,
-    validation_ratio: float = 0.0,
+    validation_ratio: float = DEFAULT_VALIDATION_RATIO,
     seed: int = 42,
     overwrite: bool = False,
     keep_shards: bool = False,

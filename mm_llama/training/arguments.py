@@ -39,6 +39,16 @@ class ModelArguments:
     projector_type: Literal["linear", "mlp2x_gelu"] = field(
         default="linear", metadata={"help": "Stage 1 from a LLaMA folder: the projector to create."}
     )
+    projector_bias: bool = field(
+        default=True,
+        metadata={"help": "Stage 1 from a LLaMA folder: give the projector's linear layers a bias (the original "
+                          "MM-LLaMA's projector has none)."},
+    )
+    projector_dropout: float | None = field(
+        default=None,
+        metadata={"help": "Dropout on the projector output while training (the original: 0.1 in stage 1, 0 in stage "
+                          "2). Default: 0 for a new projector, the checkpoint's value otherwise."},
+    )
     media_embed_dim: int = field(default=1024, metadata={"help": "Stage 1: media embedding size (ImageBind: 1024)."})
     tokens_per_media: int = field(default=1, metadata={"help": "Stage 1: placeholder tokens per media item."})
     dtype: Literal["auto", "bfloat16", "float16", "float32"] = field(
@@ -114,7 +124,9 @@ class LoraArguments:
     lora_dropout: float = field(default=0.05, metadata={"help": "Dropout on the LoRA input."})
     lora_target_modules: list[str] = field(
         default_factory=lambda: ["q_proj", "v_proj"],
-        metadata={"help": "Language-model linear layers that get adapters (module name suffixes)."},
+        metadata={"help": "Language-model linear layers that get adapters, by name: q_proj, k_proj, v_proj, o_proj, "
+                          "gate_proj, up_proj, down_proj, lm_head (the output head). A name that matches no layer is "
+                          "an error."},
     )
     lora_bias: Literal["none", "all", "lora_only"] = field(default="none", metadata={"help": "Train biases?"})
 

@@ -38,6 +38,26 @@ def load_built_dataset(path: str | Path) -> DatasetDict:
     return loaded
 
 
+def check_datasets(data_args: DataArguments, evaluates: bool) -> None:
+    """Checks every dataset folder before any model is loaded (minutes for a 7B model): it exists, holds a built
+    dataset with the train split and, when the recipe evaluates, the eval split. Errors name the folder and the fix."""
+    if not data_args.dataset_paths:
+        raise ValueError("dataset_paths is empty: give at least one built dataset folder (dataset_paths: [...]).")
+    lacking_eval = []
+    for path in data_args.dataset_paths:
+        loaded = load_built_dataset(path)
+        if data_args.train_split not in loaded:
+            raise ValueError(f"{path} has no {data_args.train_split!r} split (it has {sorted(loaded)}); set train_split.")
+        if evaluates and data_args.eval_split not in loaded:
+            lacking_eval.append(str(path))
+    if lacking_eval:
+        raise ValueError(
+            f"The recipe evaluates (eval_strategy is not 'no') but {', '.join(lacking_eval)} has no "
+            f"{data_args.eval_split!r} split. Rebuild it with scripts/build_datasets.py (its default "
+            "--validation-ratio 0.05 makes one), or set eval_strategy: 'no'."
+        )
+
+
 def mix_datasets(parts: list[Dataset], weights: list[float] | None, seed: int) -> Dataset:
     """Concatenates the parts, or interleaves them with probabilities `weights` until every part is used up."""
     if len(parts) == 1:
@@ -83,14 +103,10 @@ def prepare_split(
 
     Returns None when no dataset has the split.
     """
-    if not data_args.dataset_paths:
-        raise ValueError("dataset_paths is empty: give at least one built dataset folder (dataset_paths: [...]).")
     parts, weights = [], []
     for index, path in enumerate(data_args.dataset_paths):
         loaded = load_built_dataset(path)
-        if split not in loaded:
-            if split == data_args.train_split:
-                raise KeyError(f"{path} has no {split!r} split (it has {sorted(loaded)}); set train_split.")
+        if split not in loaded:  # check_datasets has made sure that the splits in use exist
             continue
         parts.append(loaded[split])
         if data_args.dataset_weights is not None:
@@ -118,5 +134,5 @@ def prepare_datasets(
     return train, evaluation
 
 
-__all__ = ["LENGTH_COLUMN", "add_lengths", "filter_by_length", "load_built_dataset", "mix_datasets",
+__all__ = ["LENGTH_COLUMN", "add_lengths", "check_datasets", "filter_by_length", "load_built_dataset", "mix_datasets",
            "prepare_datasets", "prepare_split"]

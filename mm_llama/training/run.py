@@ -10,7 +10,7 @@ from transformers.trainer_utils import TrainOutput
 
 from ..data.collator import MMLlamaDataCollator
 from .arguments import RESUME_LATEST, DataArguments, LoraArguments, MMLlamaTrainingArguments, ModelArguments, parse_args
-from .data import prepare_datasets
+from .data import check_datasets, prepare_datasets
 from .setup import load_stage_model
 from .trainer import MMLlamaTrainer
 
@@ -25,6 +25,8 @@ def build_trainer(
 ) -> MMLlamaTrainer:
     """Model + processor for the stage, datasets, collator and trainer, ready for `.train()`."""
     set_seed(training_args.seed)
+    evaluates = training_args.eval_strategy != "no"
+    check_datasets(data_args, evaluates and bool(data_args.eval_split))  # before minutes of model loading
     model, processor = load_stage_model(
         model_args,
         lora_args,
@@ -32,9 +34,9 @@ def build_trainer(
         gradient_checkpointing_kwargs=training_args.activation_checkpointing_kwargs,
     )
     train_dataset, eval_dataset = prepare_datasets(data_args, processor, seed=training_args.seed)
-    if eval_dataset is None and training_args.eval_strategy != "no":
-        raise ValueError(f"eval_strategy is {training_args.eval_strategy!r} but no dataset has a "
-                         f"{data_args.eval_split!r} split; set eval_strategy: 'no' or eval_split.")
+    if eval_dataset is None and evaluates:
+        raise ValueError(f"eval_strategy is {training_args.eval_strategy!r} but eval_split is not set; set "
+                         "eval_split: validation, or eval_strategy: 'no'.")
     collator = MMLlamaDataCollator(
         processor,
         max_seq_len=data_args.max_seq_len,

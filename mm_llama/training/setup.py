@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +20,7 @@ from .arguments import LoraArguments, ModelArguments
 logger = logging.getLogger(__name__)
 
 PROJECTOR_MODULE = "projector"
+LANGUAGE_MODEL_PREFIX = "language_model."
 # Modules never quantized to 4 bit: the projector is trained in full, the LM head keeps output precision.
 QLORA_SKIP_MODULES = [PROJECTOR_MODULE, "lm_head", "vision_tower"]
 
@@ -70,21 +72,56 @@ def upcast_trainable(model: nn.Module) -> None:
             param.data = param.data.float()
 
 
-def lora_config(lora_args: LoraArguments):
-    """PEFT `LoraConfig` for stage 2: adapters on the language model's `lora_target_modules`, projector in full."""
+def lora_target_names(model: nn.Module) -> list[str]:
+    """Names of the language model's linear layers that LoRA can adapt (q_proj, ..., lm_head), sorted."""
+    return sorted({name.rsplit(".", 1)[-1] for name, module in model.named_modules()
+                   if name.startswith(LANGUAGE_MODEL_PREFIX) and isinstance(module, nn.Linear)})
+
+
+def lora_target_regex(model: nn.Module, target_modules: list[str] | tuple[str, ...]) -> str:
+    """A PEFT `target_modules` regex that adapts the language model's layers named `target_modules` (a layer name
+    such as "q_proj" or "lm_head", or a dotted suffix such as "self_attn.q_proj") and nothing in the vision tower.
+
+    Raises ValueError naming the valid layer names when a target matches no linear layer: PEFT itself would adapt
+    nothing for it, silently.
+    """
+    linear_names = [name for name, module in model.named_modules()
+                    if name.startswith(LANGUAGE_MODEL_PREFIX) and isinstance(module, nn.Linear)]
+    unknown = sorted(target for target in set(target_modules)
+                     if not any(name == LANGUAGE_MODEL_PREFIX + target or name.endswith("." + target)
+                                for name in linear_names))
+    if unknown:
+        raise ValueError(
+            f"lora_target_modules {unknown} match no linear layer of the language model; valid names: "
+            f"{lora_target_names(model)}."
+        )
+    names = "|".join(re.escape(target) for target in sorted(set(target_modules)))
+    # PEFT full-matches a string target: "language_model.lm_head" and "language_model.model.layers.0.self_attn.q_proj".
+    return rf"{re.escape(LANGUAGE_MODEL_PREFIX)}(?:.*\.)?({names})"
+
+
+def lora_config(lora_args: LoraArguments, model: nn.Module):
+    """PEFT `LoraConfig` for stage 2: adapters on the language model's `lora_target_modules` (checked against
+    `model`), the projector trained in full (`modules_to_save`)."""
     from peft import LoraConfig
 
-    names = "|".join(sorted(set(lora_args.lora_target_modules)))
     return LoraConfig(
         r=lora_args.lora_r,
         lora_alpha=lora_args.lora_alpha,
         lora_dropout=lora_args.lora_dropout,
         bias=lora_args.lora_bias,
-        # A regex restricted to the LLM, so that no vision-tower layer with the same name is adapted.
-        target_modules=rf"language_model\..*\.({names})",
+        target_modules=lora_target_regex(model, lora_args.lora_target_modules),
         modules_to_save=[PROJECTOR_MODULE],
         task_type="CAUSAL_LM",
     )
+
+
+def set_projector_dropout(model: MMLlamaForCausalLM, probability: float | None) -> None:
+    """Sets the projector's output dropout (and the config that is saved with it); None leaves it as loaded."""
+    if probability is None:
+        return
+    model.config.projector_dropout = probability
+    model.projector.dropout.p = probability
 
 
 def quantization_config(model_args: ModelArguments):
@@ -128,6 +165,7 @@ def load_stage_model(
                                                        attn_implementation=model_args.attn_implementation)
             if model_args.projector_path:
                 model.load_projector(model_args.projector_path)
+            set_projector_dropout(model, model_args.projector_dropout)
         else:
             model = MMLlamaForCausalLM.from_text_pretrained(
                 path,
@@ -135,6 +173,8 @@ def load_stage_model(
                 attn_implementation=model_args.attn_implementation,
                 projector_path=model_args.projector_path,
                 projector_type=model_args.projector_type,
+                projector_bias=model_args.projector_bias,
+                projector_dropout=model_args.projector_dropout or 0.0,
                 media_embed_dim=model_args.media_embed_dim,
                 tokens_per_media=model_args.tokens_per_media,
             )
@@ -158,6 +198,7 @@ def load_stage_model(
         if model_args.load_in_4bit:
             load_kwargs["quantization_config"] = quantization_config(model_args)
         model = MMLlamaForCausalLM.from_pretrained(path, **load_kwargs)
+        set_projector_dropout(model, model_args.projector_dropout)
         if model_args.load_in_4bit:
             # Freezes the base, upcasts the non-quantized weights to fp32 and, with checkpointing, makes the
             # embedding outputs require grad.
@@ -168,7 +209,7 @@ def load_stage_model(
             )
         elif gradient_checkpointing:
             model.enable_input_require_grads()
-        model = get_peft_model(model, lora_config(lora_args))
+        model = get_peft_model(model, lora_config(lora_args, model))
         if model_args.upcast_trainable_params:
             upcast_trainable(model)
 
@@ -224,8 +265,11 @@ __all__ = [
     "load_processor",
     "load_stage_model",
     "lora_config",
+    "lora_target_names",
+    "lora_target_regex",
     "optimizer_param_groups",
     "quantization_config",
+    "set_projector_dropout",
     "torch_dtype",
     "upcast_trainable",
 ]

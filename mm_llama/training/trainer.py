@@ -7,6 +7,8 @@ checkpoint rotation, resume, TensorBoard) is the Trainer's own.
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import os
 from typing import Any
 
@@ -31,6 +33,20 @@ def _trained_weight_total(batch: dict[str, torch.Tensor]) -> torch.Tensor:
     if "loss_weights" in batch:
         return (batch["loss_weights"][:, 1:].float() * trained).sum()
     return trained.sum()
+
+
+@contextlib.contextmanager
+def _without_embedding_layers(model: nn.Module):
+    """PEFT adds the full embedding and LM head (0.5 GB at 7B) to an adapter whose targets include lm_head, in case
+    the vocabulary was resized; MM-LLaMA never resizes it (the placeholder is `<unk>`), so they are left out."""
+    if not hasattr(model, "peft_config"):
+        yield
+        return
+    model.save_pretrained = functools.partial(type(model).save_pretrained, model, save_embedding_layers=False)
+    try:
+        yield
+    finally:
+        del model.save_pretrained
 
 
 def answer_metrics(correct: float, answers: float, answer_loss_sum: float) -> dict[str, float]:
@@ -175,9 +191,11 @@ class MMLlamaTrainer(Trainer):
             self._saving_checkpoint = False
 
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
-        """Checkpoints of stage 1 write only the trainable parameters (plus processor and training args)."""
+        """Checkpoints of stage 1 write only the trainable parameters (plus processor and training args); PEFT
+        outputs never carry the unchanged embedding and LM head."""
         if not (self._saving_checkpoint and self._trainable_only_checkpoints()):
-            return super()._save(output_dir, state_dict)
+            with _without_embedding_layers(self.accelerator.unwrap_model(self.model)):
+                return super()._save(output_dir, state_dict)
         if not self.args.should_save:
             return
         output_dir = output_dir or self.args.output_dir

@@ -22,7 +22,7 @@ def _imagebind_vision_config_class() -> type[PreTrainedConfig]:
 
     if IMAGEBIND_VISION_MODEL_TYPE not in CONFIG_MAPPING:
         try:
-            import mm_llama  # noqa: F401  (importing the package registers the ImageBind config)
+            import mm_llama.imagebind  # noqa: F401  (importing it registers the ImageBind config)
         except ImportError as error:
             raise ImportError(
                 "This MM-LLaMA config has a `vision_config` (an ImageBind vision tower), whose code ships with the "

@@ -17,14 +17,8 @@ from typing import Any, Sequence
 
 import torch
 
-from .inference import (
-    GenerationSettings,
-    MediaEmbedder,
-    generate_batched,
-    infer_media_type,
-    prompt_conversation,
-    read_jsonl,
-)
+from .data.sources import iter_jsonl
+from .generation import GenerationSettings, MediaEmbedder, generate_batched, infer_media_type, prompt_conversation
 from .processing_mm_llama import MMLlamaProcessor, TrainOn
 
 
@@ -147,9 +141,15 @@ def read_qa_file(path: str | Path) -> list[dict]:
     """Reads and validates a generation-eval JSONL: {"media": path or embedding file, "question", "answers": [...],
     optional "id", "media_type" ("image"/"video"; inferred from the file suffix otherwise)}; "media" may be absent
     for text-only questions. Relative media paths are resolved against the JSONL's folder."""
-    rows = read_jsonl(path)
-    for number, row in enumerate(rows, start=1):
-        where = f"{path}, row {number}"
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} does not exist.")
+    rows = []
+    for number, row, error in iter_jsonl(path):
+        where = f"{path}, line {number}"
+        if error is not None or not isinstance(row, dict):
+            raise ValueError(f"{where}: {error or 'each line must be a JSON object'}.")
+        rows.append(row)
         if not isinstance(row.get("question"), str):
             raise ValueError(f"{where}: needs a string 'question'.")
         answers = row.get("answers")

@@ -7,7 +7,7 @@ For the next-token targets that carry a label (the model shifts labels so that p
     the prompt loss weight: the original MM-LLaMA's definition (its logs count completion tokens only), so that
     figures compare with its published 50.7% / 68.0%.
 
-The model, the Trainer's logs, `Trainer.evaluate` and `scripts/evaluate.py` all use `token_loss_stats`; the counts are
+The model, the Trainer's logs, `Trainer.evaluate` and `mm-llama evaluate` all use `token_loss_stats`; the counts are
 summed over batches, accumulation steps and processes before dividing.
 """
 

@@ -10,79 +10,15 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any, Literal, Sequence
 
 import torch
 from transformers import AutoModelForCausalLM
 
-from .inference import is_adapter_folder, load_processor
-
-# Only the language model's attention projections: the ImageBind vision tower has q_proj/v_proj layers too, and a
-# plain ["q_proj", "v_proj"] list would put LoRA on it as well. PEFT full-matches a string target as a regex.
-LANGUAGE_MODEL_LORA_TARGETS = r"language_model\..*\.(q_proj|v_proj)"
+from .loading import is_adapter_folder, load_processor, load_stage2_model, lora_config, resolve_base_model
 
 ConversionMode = Literal["auto", "merge", "stage2-start"]
-
-
-def read_adapter_config(adapter_dir: str | Path) -> dict[str, Any]:
-    """The `adapter_config.json` of a stage-2 output folder, as a dict."""
-    path = Path(adapter_dir) / "adapter_config.json"
-    if not path.is_file():
-        raise FileNotFoundError(
-            f"{path} not found: {adapter_dir} is not a stage-2 (PEFT LoRA) output folder. A stage-2 run saves "
-            "adapter_config.json and adapter_model.safetensors there."
-        )
-    return json.loads(path.read_text(encoding="utf-8"))
-
-
-def resolve_base_model(adapter_dir: str | Path, base_model: str | Path | None = None) -> str:
-    """The stage-1 model a stage-2 adapter was trained on: `base_model` if given, else the adapter config's
-    `base_model_name_or_path` (a relative path is tried from the working directory, then from the adapter folder)."""
-    if base_model is not None:
-        if not Path(base_model).is_dir():
-            raise FileNotFoundError(f"Base model folder {base_model} does not exist; pass the stage-1 output folder.")
-        return str(base_model)
-    recorded = read_adapter_config(adapter_dir).get("base_model_name_or_path")
-    if not recorded:
-        raise ValueError(
-            f"{Path(adapter_dir) / 'adapter_config.json'} does not name its base model; pass --base_model STAGE1_DIR."
-        )
-    for candidate in (Path(recorded), Path(adapter_dir) / recorded):
-        if candidate.is_dir():
-            return str(candidate)
-    raise FileNotFoundError(
-        f"{Path(adapter_dir) / 'adapter_config.json'} names base model {recorded!r}, which is not a folder here "
-        "(it was probably trained on another machine). Pass --base_model STAGE1_DIR with the stage-1 output."
-    )
-
-
-def load_stage2_model(
-    adapter_dir: str | Path,
-    *,
-    base_model: str | Path | None = None,
-    merge: bool = True,
-    **load_kwargs: Any,
-) -> torch.nn.Module:
-    """Loads the stage-1 base model and applies a stage-2 adapter.
-
-    Args:
-        adapter_dir: the stage-2 output folder.
-        base_model: stage-1 folder, overriding the adapter config's `base_model_name_or_path`.
-        merge: fold the LoRA weights into the base weights (`merge_and_unload`) and return a plain
-            `MMLlamaForCausalLM`; otherwise return the `PeftModel` (e.g. over a 4-bit base).
-        **load_kwargs: passed to `AutoModelForCausalLM.from_pretrained` (dtype, quantization_config, device_map).
-    """
-    from peft import PeftModel
-
-    base_path = resolve_base_model(adapter_dir, base_model)
-    base = AutoModelForCausalLM.from_pretrained(base_path, **load_kwargs)
-    model = PeftModel.from_pretrained(base, str(adapter_dir))
-    if merge:
-        # The projector's `modules_to_save` copy replaces the stage-1 projector; LoRA deltas are added to q/v_proj.
-        model = model.merge_and_unload()
-    return model.eval()
 
 
 def _copy_processor(source_dirs: Sequence[str | Path], output_dir: Path) -> None:
@@ -138,10 +74,10 @@ def init_stage2_from_stage1(
     stage1_dir: str | Path,
     output_dir: str | Path,
     *,
-    lora_r: int = 8,
-    lora_alpha: int = 16,
+    lora_r: int = 64,
+    lora_alpha: float = 16,
     lora_dropout: float = 0.05,
-    target_modules: str | Sequence[str] = LANGUAGE_MODEL_LORA_TARGETS,
+    target_modules: Sequence[str] = ("q_proj", "v_proj"),
 ) -> Path:
     """Stage-1 output -> the stage-2 starting point: a PEFT adapter folder over the stage-1 model with freshly
     initialised LoRA (B = 0, so the model still computes exactly the stage-1 function) on the language model's
@@ -149,7 +85,7 @@ def init_stage2_from_stage1(
 
     Stage 2 resumes from it with `PeftModel.from_pretrained(stage1_model, output_dir, is_trainable=True)`.
     """
-    from peft import LoraConfig, get_peft_model
+    from peft import get_peft_model
 
     stage1_dir, output_dir = Path(stage1_dir), Path(output_dir)
     if not (stage1_dir / "config.json").is_file():
@@ -157,15 +93,8 @@ def init_stage2_from_stage1(
             f"{stage1_dir} has no config.json: pass a stage-1 output folder (a saved MMLlamaForCausalLM)."
         )
     base = AutoModelForCausalLM.from_pretrained(str(stage1_dir), dtype="auto")
-    config = LoraConfig(
-        r=lora_r,
-        lora_alpha=lora_alpha,
-        lora_dropout=lora_dropout,
-        target_modules=target_modules if isinstance(target_modules, str) else list(target_modules),
-        modules_to_save=["projector"],
-        task_type="CAUSAL_LM",
-    )
-    model = get_peft_model(base, config)
+    model = get_peft_model(base, lora_config(base, r=lora_r, alpha=lora_alpha, dropout=lora_dropout,
+                                             target_modules=target_modules))
     # Recorded as an absolute path, so the adapter finds its base from any working directory.
     model.peft_config["default"].base_model_name_or_path = str(stage1_dir.resolve())
     output_dir.mkdir(parents=True, exist_ok=True)
@@ -215,13 +144,4 @@ def push_folder_to_hub(folder: str | Path, repo_id: str, *, private: bool = True
     return str(url)
 
 
-__all__ = [
-    "LANGUAGE_MODEL_LORA_TARGETS",
-    "convert_checkpoint",
-    "init_stage2_from_stage1",
-    "load_stage2_model",
-    "merge_lora_checkpoint",
-    "push_folder_to_hub",
-    "read_adapter_config",
-    "resolve_base_model",
-]
+__all__ = ["convert_checkpoint", "init_stage2_from_stage1", "merge_lora_checkpoint", "push_folder_to_hub"]

@@ -25,7 +25,6 @@ from .loss_mm_llama import token_loss_stats, token_stats_from_logits
 
 # Inputs that describe the prompt's media; generation passes them on the prefill step only.
 MEDIA_INPUT_NAMES = ("media_embeds", "pixel_values", "video_pixel_values", "media_type_ids")
-IMAGE_TYPE_ID, VIDEO_TYPE_ID = 0, 1
 
 
 @dataclass
@@ -216,42 +215,15 @@ class MMLlamaForCausalLM(MMLlamaPreTrainedModel, GenerationMixin):
         video_pixel_values: torch.Tensor | None = None,
         media_type_ids: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Runs the vision tower on raw media and returns ImageBind embeddings in placeholder order.
-
-        Args:
-            pixel_values: [num_images, 3, H, W] preprocessed images.
-            video_pixel_values: [num_videos, num_views, 3, T, H, W] preprocessed videos.
-            media_type_ids: [num_images + num_videos] with 0 (image) / 1 (video) in placeholder order; needed only
-                when both kinds are present.
-        Returns:
-            [num_media, 1, media_embed_dim]
-        """
+        """Runs the frozen vision tower on raw media (its `embed_media`) and returns ImageBind embeddings in
+        placeholder order: [num_media, 1, media_embed_dim]. See `ImageBindVisionModel.embed_media` for the inputs."""
         if self.vision_tower is None:
             raise ValueError(
                 "Raw pixel inputs need a vision tower, but this model has no vision tower (config.vision_config is None). "
                 "Pass precomputed ImageBind `media_embeds`, or build the model with a vision_config."
             )
         with torch.no_grad():
-            image_embeds = self.vision_tower.embed_images(pixel_values) if pixel_values is not None else None
-            video_embeds = self.vision_tower.embed_videos(video_pixel_values) if video_pixel_values is not None else None
-        if image_embeds is None or video_embeds is None:
-            embeds = image_embeds if video_embeds is None else video_embeds
-            return embeds.unsqueeze(1)
-        if media_type_ids is None:
-            raise ValueError("Both images and videos were given: pass media_type_ids to say their placeholder order.")
-        media_type_ids = media_type_ids.to(image_embeds.device)
-        if int((media_type_ids == IMAGE_TYPE_ID).sum()) != len(image_embeds) or int(
-            (media_type_ids == VIDEO_TYPE_ID).sum()
-        ) != len(video_embeds):
-            raise ValueError(
-                f"media_type_ids lists {int((media_type_ids == IMAGE_TYPE_ID).sum())} images and "
-                f"{int((media_type_ids == VIDEO_TYPE_ID).sum())} videos, but {len(image_embeds)} images and "
-                f"{len(video_embeds)} videos were given."
-            )
-        embeds = image_embeds.new_empty(len(media_type_ids), image_embeds.shape[-1])
-        embeds[media_type_ids == IMAGE_TYPE_ID] = image_embeds
-        embeds[media_type_ids == VIDEO_TYPE_ID] = video_embeds.to(image_embeds.dtype)
-        return embeds.unsqueeze(1)
+            return self.vision_tower.embed_media(pixel_values, video_pixel_values, media_type_ids).unsqueeze(1)
 
     def merge_media_into_embeddings(
         self, input_ids: torch.LongTensor, inputs_embeds: torch.Tensor, media_embeds: torch.Tensor

@@ -26,7 +26,7 @@ import torch
 from transformers import AutoModelForCausalLM, GenerationConfig, Pipeline
 from transformers.pipelines import PIPELINE_REGISTRY
 
-from .inference import MediaEmbedder, media_of, stream_in_thread
+from .generation import MediaEmbedder, build_generation_inputs, stream_in_thread
 
 TASK = "mm-llama-chat"
 
@@ -87,7 +87,7 @@ class MMLlamaChatPipeline(Pipeline):
         if (batch_size or self._batch_size or 1) > 1:
             raise ValueError(
                 f"The {TASK} pipeline runs one conversation at a time; for left-padded batches use "
-                "mm_llama.inference.generate_batched (or scripts/chat.py --batch_file)."
+                "mm_llama.generation.generate_batched (or mm-llama chat --batch_file)."
             )
         return super().__call__(inputs, *args, **kwargs)
 
@@ -117,12 +117,7 @@ class MMLlamaChatPipeline(Pipeline):
         turns = messages["messages"] if isinstance(messages, dict) else messages
         if turns and turns[-1].get("role") == "assistant":
             raise ValueError(f"{TASK} answers the last user message; this chat ends with an assistant message.")
-        model_inputs = self.processor(
-            messages,
-            media_embeds=self.embedder.embed_all(media_of(messages)),
-            add_generation_prompt=True,
-            padding_side="left",
-        )
+        model_inputs = build_generation_inputs(self.processor, [messages], self.embedder)
         return {**model_inputs, "conversation": _Conversation(messages)}
 
     def _forward(self, model_inputs: dict[str, Any], generate_kwargs: dict | None = None) -> dict[str, Any]:

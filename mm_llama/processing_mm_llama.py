@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import importlib
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Literal, Sequence
 
 import torch
@@ -109,9 +110,12 @@ def normalize_conversation(conversation: dict | Sequence[dict], where: str = "co
         `"media_index": i` for the media item on that turn (records without any media_index attach media item i to
         the i-th user turn, the LLaVA convention);
       - a list of messages whose content is a string or HF content parts (`{"type": "image", ...}`).
+    Already normalised turns (a list of `Turn`) are returned as they are, so callers normalise once.
     Raises ValueError on roles out of order, media on a non-user turn, more than one media item on a turn,
     unknown media types and media that no turn refers to, naming the message.
     """
+    if isinstance(conversation, (list, tuple)) and conversation and all(isinstance(t, Turn) for t in conversation):
+        return list(conversation)
     record_media: list[dict] = []
     if isinstance(conversation, dict):
         if "messages" not in conversation:
@@ -177,9 +181,10 @@ class MMLlamaProcessor(ProcessorMixin):
 
     Args:
         tokenizer: an [`MMLlamaTokenizer`] over Meta's `tokenizer.model`.
+        image_processor: ImageBind's image + video preprocessing (`mm_llama.imagebind.ImageBindProcessor`), saved and
+            loaded with the processor; default: ImageBind-huge's at `image_size` (224 px).
         chat_template: Jinja template; defaults to the LLaMA-2 media template.
         tokens_per_media: placeholder tokens per image/video (must equal the model config's).
-        image_size: input size of the ImageBind vision tower, used when raw images/videos are given.
 
     `processor(conversations, media_embeds=...)` returns `input_ids`, `attention_mask`, `labels` (-100 where no loss
     is taken), `loss_weights` (when `prompt_loss_weight > 0`) and the media: `media_embeds`
@@ -189,12 +194,30 @@ class MMLlamaProcessor(ProcessorMixin):
 
     tokenizer_class = "MMLlamaTokenizer"
 
-    def __init__(self, tokenizer=None, chat_template: str | None = None, tokens_per_media: int = 1,
-                 image_size: int = 224, **kwargs):
+    def __init__(self, tokenizer=None, image_processor=None, chat_template: str | None = None,
+                 tokens_per_media: int = 1, image_size: int = 224, **kwargs):
         self.tokens_per_media = tokens_per_media
-        self.image_size = image_size
-        self._media_processor = None
-        super().__init__(tokenizer, chat_template=chat_template or LLAMA2_MEDIA_CHAT_TEMPLATE, **kwargs)
+        if image_processor is None:  # (`image_size` is also what processors saved before 0.2 recorded)
+            image_processor = _imagebind_module().ImageBindProcessor(image_size=image_size)
+        super().__init__(tokenizer, image_processor, chat_template=chat_template or LLAMA2_MEDIA_CHAT_TEMPLATE,
+                         **kwargs)
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs) -> "MMLlamaProcessor":
+        """Loads a saved processor, or builds one over LLaMA's `tokenizer.model` when the folder holds only Meta's
+        tokenizer (a converted LLaMA-2 folder: its tokenizer_config.json names no MM-LLaMA class, and transformers'
+        own LLaMA tokenizer differs from sentencepiece, so it is never used)."""
+        folder = Path(pretrained_model_name_or_path)
+        if folder.is_dir() and not (folder / "processor_config.json").is_file():
+            if not (folder / "tokenizer.model").is_file():
+                raise FileNotFoundError(
+                    f"{folder} has neither a saved MMLlamaProcessor (processor_config.json) nor LLaMA's "
+                    "tokenizer.model; pass the folder of a trained MM-LLaMA model or of a converted LLaMA model."
+                )
+            from .tokenization_mm_llama import MMLlamaTokenizer
+
+            return cls(tokenizer=MMLlamaTokenizer(vocab_file=str(folder / "tokenizer.model")), **kwargs)
+        return super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
 
     @property
     def media_token_id(self) -> int:
@@ -401,16 +424,8 @@ class MMLlamaProcessor(ProcessorMixin):
                     f"'{item['type']}') or pass media_embeds."
                 )
             sources[item["type"]].append(source)
-        processed = self.media_processor(images=sources["image"] or None, videos=sources["video"] or None)
+        processed = self.image_processor(images=sources["image"] or None, videos=sources["video"] or None)
         return {key: processed[key] for key in ("pixel_values", "video_pixel_values") if key in processed}
-
-    @property
-    def media_processor(self):
-        """The ImageBind image/video preprocessor (`mm_llama.imagebind.ImageBindProcessor`), made on first use."""
-        if self._media_processor is None:
-            imagebind = importlib.import_module("mm_llama.imagebind")
-            self._media_processor = imagebind.ImageBindProcessor(image_size=self.image_size)
-        return self._media_processor
 
     # ---------------------------------------------------------------- chat template / decoding
 
@@ -437,11 +452,17 @@ class MMLlamaProcessor(ProcessorMixin):
         return ["input_ids", "attention_mask", "media_embeds", "pixel_values", "video_pixel_values", "media_type_ids"]
 
 
+def _imagebind_module():
+    """`mm_llama.imagebind`, imported by name: the processor's code also travels with saved checkpoints (remote
+    code), where only flat relative imports are copied; the ImageBind image processor needs the package."""
+    return importlib.import_module("mm_llama.imagebind")
+
+
 def _is_single_conversation(conversations) -> bool:
     if isinstance(conversations, dict):
         return True
     first = conversations[0] if len(conversations) else None
-    return isinstance(first, dict) and "role" in first
+    return isinstance(first, Turn) or (isinstance(first, dict) and "role" in first)
 
 
 __all__ = ["MMLlamaProcessor", "normalize_conversation", "LLAMA2_MEDIA_CHAT_TEMPLATE", "IGNORE_INDEX"]

@@ -1,12 +1,10 @@
 #!/usr/bin/env python
-"""Train MM-LLaMA: `accelerate launch scripts/train.py recipes/stage1.yaml [--key value ...]`.
+"""Train a stage: `accelerate launch scripts/train.py recipes/stage1.yaml [--key value ...]`, the same as
+`mm-llama train` (see its --help)."""
 
-The recipe's keys are the fields of mm_llama.training's ModelArguments / DataArguments / LoraArguments and
-transformers' TrainingArguments; command-line flags override the recipe (`--learning_rate 1e-4`).
-`python scripts/train.py --help` lists them all.
-"""
+import sys
 
-from mm_llama.training import train
+from mm_llama.cli import main
 
 if __name__ == "__main__":
-    train()
+    sys.exit(main(["train", *sys.argv[1:]]))

@@ -1,4 +1,4 @@
-"""scripts/chat.py: interactive multi-turn chat over stdin (streamed), one-shot and batched modes, raw images through
+"""`mm-llama chat` (and scripts/chat.py): interactive multi-turn chat over stdin (streamed), one-shot and batched modes, raw images through
 a standalone ImageBind model, 4-bit loading, and one-line errors for bad media. Expected answers come from direct
 greedy `model.generate` calls on the processor's output."""
 
@@ -16,7 +16,8 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from mm_llama import MMLlamaProcessor
-from test_merge import MEDIA_DIM, REPO_ROOT, load_script, save_stage1
+from mm_llama.cli import main as cli
+from test_merge import MEDIA_DIM, REPO_ROOT, save_stage1
 
 MAX_NEW_TOKENS = 8
 SYSTEM = "You are a helpful assistant."
@@ -100,8 +101,7 @@ def test_interactive_without_streaming_and_reset(setup, monkeypatch, capsys):
     root, stage1, embeds, model, processor = setup
     image, vector = embeds[1]  # a .npy file holding [1, 1024]
     monkeypatch.setattr(sys, "stdin", io.StringIO(f"/video {image}\nDescribe the video.\n/reset\nHello\n"))
-    script = load_script("chat")
-    assert script.main([str(stage1), "--device", "cpu", "--temperature", "0", "--max_new_tokens",
+    assert cli(["chat", str(stage1), "--device", "cpu", "--temperature", "0", "--max_new_tokens",
                         str(MAX_NEW_TOKENS), "--no-stream"]) == 0
     out = capsys.readouterr().out
     expected = [
@@ -114,51 +114,65 @@ def test_interactive_without_streaming_and_reset(setup, monkeypatch, capsys):
 def test_one_shot_prompt_and_bad_media_path(setup, capsys):
     root, stage1, embeds, model, processor = setup
     image, vector = embeds[2]  # a .safetensors file
-    script = load_script("chat")
     common = [str(stage1), "--device", "cpu", "--temperature", "0", "--max_new_tokens", str(MAX_NEW_TOKENS)]
-    assert script.main(common + ["--prompt", "What is this?", "--image", str(image), "--no-stream"]) == 0
+    assert cli(["chat", *common, "--prompt", "What is this?", "--image", str(image), "--no-stream"]) == 0
     expected = expected_answer(model, processor, [user("What is this?", image)], [vector])
     assert capsys.readouterr().out == expected + "\n"
-    assert script.main(common + ["--prompt", "What is this?", "--image", str(image), "--stream"]) == 0
+    assert cli(["chat", *common, "--prompt", "What is this?", "--image", str(image), "--stream"]) == 0
     assert capsys.readouterr().out.strip() == expected
 
-    assert script.main(common + ["--prompt", "What is this?", "--image", str(root / "nope.jpg")]) == 1
+    assert cli(["chat", *common, "--prompt", "What is this?", "--image", str(root / "nope.jpg")]) == 1
     captured = capsys.readouterr()
     assert captured.out == ""
-    assert captured.err == f"error: Image file {str(root / 'nope.jpg')!r} does not exist; check the path.\n"
+    assert captured.err == (f"error: Image file {str(root / 'nope.jpg')!r} does not exist; check the path "
+                            f"(relative to {os.getcwd()!r}).\n")
     # An embedding of the wrong size names the file and the expected shape.
     wrong = root / "wrong.pt"
     torch.save(torch.randn(7), wrong)
-    assert script.main(common + ["--prompt", "Hi", "--image", str(wrong)]) == 1
+    assert cli(["chat", *common, "--prompt", "Hi", "--image", str(wrong)]) == 1
     err_lines = capsys.readouterr().err.strip().splitlines()
     assert err_lines[-1].startswith("error:") and "wrong.pt" in err_lines[-1] and "[1024]" in err_lines[-1]
     assert sum(line.startswith("error:") for line in err_lines) == 1
 
 
-def test_batch_file_runs_left_padded_batches(setup, tmp_path):
+def test_batch_file_runs_left_padded_batches_and_records_bad_lines(setup, tmp_path, capsys):
     root, stage1, embeds, model, processor = setup
+    corrupt = tmp_path / "corrupt.png"
+    corrupt.write_bytes(b"not an image at all")
     rows = [
         {"id": "a", "prompt": "What is in the image?", "image": str(embeds[0][0])},
+        {"id": "bad-image", "prompt": "And this?", "image": str(corrupt)},
         {"id": "b", "prompt": "Hi"},
+        {"id": "no-prompt", "image": str(embeds[0][0])},
         {"id": "c", "prompt": "Describe this short clip in a few words.", "video": str(embeds[1][0]),
          "system": "Be brief."},
     ]
+    lines = [json.dumps(row) for row in rows]
+    lines.insert(3, "{not json")  # line 4
     batch_file = tmp_path / "prompts.jsonl"
-    batch_file.write_text("\n".join(json.dumps(row) for row in rows) + "\n")
+    batch_file.write_text("\n".join(lines) + "\n")
     output = tmp_path / "answers.jsonl"
-    script = load_script("chat")
-    assert script.main([str(stage1), "--device", "cpu", "--temperature", "0", "--max_new_tokens",
-                        str(MAX_NEW_TOKENS), "--batch_file", str(batch_file), "--batch_size", "2",
-                        "--output", str(output)]) == 0
+    common = [str(stage1), "--device", "cpu", "--temperature", "0", "--max_new_tokens", str(MAX_NEW_TOKENS),
+              "--batch_file", str(batch_file), "--batch_size", "2", "--output", str(output)]
+    assert cli(["chat", *common]) == 0  # some lines failed, the others were answered
     written = [json.loads(line) for line in output.read_text().splitlines()]
+    errors = [row for row in written if "error" in row]
+    assert [(row["line"], row["id"]) for row in errors] == [(2, "bad-image"), (4, 4), (5, "no-prompt")]
+    assert "corrupt.png" in errors[0]["error"] and "not valid JSON" in errors[1]["error"]
+    assert errors[2]["error"] == "needs a JSON object with a string 'prompt'."
     expected = [
         expected_answer(model, processor, [user(rows[0]["prompt"], embeds[0][0])], [embeds[0][1]]),
         expected_answer(model, processor, [user("Hi")], []),
         expected_answer(model, processor, [{"role": "system", "content": "Be brief."},
-                                           user(rows[2]["prompt"], embeds[1][0], "video")], [embeds[1][1]]),
+                                           user(rows[4]["prompt"], embeds[1][0], "video")], [embeds[1][1]]),
     ]
-    assert [row["id"] for row in written] == ["a", "b", "c"]
-    assert [row["response"] for row in written] == expected
+    answers = [row for row in written if "response" in row]
+    assert [row["id"] for row in answers] == ["a", "b", "c"]
+    assert [row["response"] for row in answers] == expected
+    assert "answered 3, failed 3" in capsys.readouterr().err
+    # Exit status 1 only when nothing could be answered.
+    batch_file.write_text("{not json\n")
+    assert cli(["chat", *common]) == 1
 
 
 def test_raw_image_through_a_standalone_imagebind_folder(setup, tmp_path, capsys):
@@ -173,13 +187,12 @@ def test_raw_image_through_a_standalone_imagebind_folder(setup, tmp_path, capsys
     with torch.no_grad():
         vector = encoder.embed_images(load_image(image, 32)[None])[0]
     expected = expected_answer(model, processor, [user("What is in the image?", image)], [vector])
-    script = load_script("chat")
     common = [str(stage1), "--device", "cpu", "--temperature", "0", "--max_new_tokens", str(MAX_NEW_TOKENS),
               "--prompt", "What is in the image?", "--image", str(image), "--no-stream"]
-    assert script.main(common + ["--imagebind", str(tmp_path / "imagebind")]) == 0
+    assert cli(["chat", *common, "--imagebind", str(tmp_path / "imagebind")]) == 0
     assert capsys.readouterr().out == expected + "\n"
     # Without an encoder a raw image is a clear error that names the fix.
-    assert script.main(common) == 1
+    assert cli(["chat", *common]) == 1
     assert "--imagebind" in capsys.readouterr().err
 
 
@@ -187,16 +200,16 @@ def test_load_in_4bit_quantises_the_language_model_only(setup):
     pytest.importorskip("bitsandbytes")
     import bitsandbytes as bnb
 
-    from mm_llama.inference import GenerationSettings, MediaEmbedder, build_generation_inputs, generate_texts
-    from mm_llama.inference import load_model_for_chat
+    from mm_llama.generation import GenerationSettings, MediaEmbedder, build_generation_inputs, generate
+    from mm_llama.loading import load_model
 
     root, stage1, embeds, _, _ = setup
-    model, processor = load_model_for_chat(stage1, device="cpu", dtype="float32", load_in_4bit=True)
+    model, processor = load_model(stage1, device="cpu", dtype="float32", load_in_4bit=True)
     q_proj = model.language_model.model.layers[0].self_attn.q_proj
     assert isinstance(q_proj, bnb.nn.Linear4bit)
     assert isinstance(model.projector.layers[0], torch.nn.Linear) and not isinstance(
         model.projector.layers[0], bnb.nn.Linear4bit)
     inputs = build_generation_inputs(processor, [[user("What is in the image?", embeds[0][0])]],
                                      MediaEmbedder.for_model(model, processor))
-    answer = generate_texts(model, processor, inputs, GenerationSettings(MAX_NEW_TOKENS, temperature=0))
+    answer = generate(model, processor, inputs, GenerationSettings(MAX_NEW_TOKENS, temperature=0))
     assert isinstance(answer[0], str) and len(answer) == 1

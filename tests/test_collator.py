@@ -116,7 +116,7 @@ def test_datasets_concatenate_or_mix_with_weights(processor, tmp_path):
 
 
 def test_missing_dataset_folder_and_columns_are_clear_errors(processor, tmp_path):
-    with pytest.raises(FileNotFoundError, match="build_datasets"):
+    with pytest.raises(FileNotFoundError, match="mm-llama build-datasets"):
         prepare_datasets(DataArguments(dataset_paths=[str(tmp_path / "nope")]), processor)
     Dataset.from_list([{"id": "x", "text": "hi"}]).save_to_disk(str(tmp_path / "bad"))
     with pytest.raises(ValueError, match="messages"):

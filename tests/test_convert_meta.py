@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 import shutil
@@ -304,35 +303,28 @@ def test_saved_tokenizer_encodes_like_sentencepiece(tmp_path, spm_model_path):
         assert tokenizer.decode(sp.encode(text)) == sp.decode(sp.encode(text))
 
 
-def _load_script():
-    path = ROOT / "scripts" / "convert_meta_checkpoint.py"
-    spec = importlib.util.spec_from_file_location("convert_meta_checkpoint", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+def test_command_finds_tokenizer_in_meta_download_layout(tmp_path, spm_model_path, capsys):
+    from mm_llama.cli import main as cli
 
-
-def test_script_finds_tokenizer_in_meta_download_layout(tmp_path, spm_model_path, capsys):
     # Meta's download: llama/tokenizer.model beside llama/llama-2-7b-chat/{params.json, consolidated.00.pth}.
     root = tmp_path / "llama"
     root.mkdir()
     shutil.copy(spm_model_path, root / "tokenizer.model")
     src = write_meta_checkpoint(root / "llama-2-7b-chat", MHA_PARAMS, random_meta_weights(MHA_PARAMS), 2, None)
-    script = _load_script()
     out = tmp_path / "hf"
     argv = ["--input_dir", str(src), "--output_dir", str(out), "--dtype", "bfloat16", "--no_progress"]
-    assert script.main(argv) == 0
+    assert cli(["convert-meta", *argv]) == 0
     assert (out / "model.safetensors").is_file() and (out / "tokenizer.model").is_file()
     assert json.loads((out / "config.json").read_text())["dtype"] == "bfloat16"
 
     # Passing the download root instead of a model folder names the model folders to use.
-    assert script.main(["--input_dir", str(root), "--output_dir", str(tmp_path / "x")]) == 1
+    assert cli(["convert-meta", "--input_dir", str(root), "--output_dir", str(tmp_path / "x")]) == 1
     err = capsys.readouterr().err
     assert "params.json" in err and "llama-2-7b-chat" in err
 
     # An explicit --tokenizer_path that does not exist is reported with the path.
     bad = tmp_path / "nowhere" / "tokenizer.model"
-    assert script.main(["--input_dir", str(src), "--output_dir", str(out), "--tokenizer_path", str(bad)]) == 1
+    assert cli(["convert-meta", "--input_dir", str(src), "--output_dir", str(out), "--tokenizer_path", str(bad)]) == 1
     assert str(bad) in capsys.readouterr().err
 
 
@@ -416,7 +408,7 @@ def test_tokenizer_of_another_model(meta_dir, tmp_path):
 
 
 def test_bad_arguments(meta_dir, tmp_path):
-    with pytest.raises(ValueError, match="dtype must be one of"):
+    with pytest.raises(ValueError, match="Unknown dtype .float8.; use float32, bfloat16 or float16"):
         _convert(meta_dir, tmp_path, dtype="float8")
     assert parse_size("5GB") == 5 * 10**9 and parse_size("2GiB") == 2 * 2**30 and parse_size(1234) == 1234
     with pytest.raises(ValueError, match="Cannot parse size"):

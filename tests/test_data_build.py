@@ -3,7 +3,6 @@ ImageBind, Arrow output, manifest, bad media, resume after an interruption, and 
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import subprocess
@@ -137,7 +136,10 @@ def test_llava_build_counts_markers_embeddings_and_skips(llava_fixture, encoder,
 
     assert manifest == json.loads((tmp_path / "out" / "manifest.json").read_text())
     counts = manifest["counts"]
-    assert counts["records_read"] == 7 and counts["records_written"] == 4 and counts["splits"] == {"train": 4}
+    # 10 records in the file: 3 skipped by the reader, 3 for their media, 4 written; the counts add up per source.
+    assert counts["records_read"] == 10 and counts["records_written"] == 4 and counts["splits"] == {"train": 4}
+    source = manifest["sources"][0]
+    assert source["records_read"] == source["records_written"] + source["skipped"]["total"] == 10
     # a and c share GCC_0.jpg: 6 distinct files for 7 records.
     assert counts["media_distinct"] == 6 and counts["media_failed"] == 3
     assert manifest["skipped"]["by_reason"] == {
@@ -314,15 +316,13 @@ def test_several_processes_build_the_same_dataset(llava_fixture, tmp_path):
     assert_same_dataset(tmp_path / "one", tmp_path / "two")
 
 
-def test_build_script_end_to_end(llava_fixture, tmp_path, capsys):
-    # scripts/ is not a package: load the script's module from its file.
-    spec = importlib.util.spec_from_file_location("build_datasets", Path(__file__).parents[1] / "scripts" / "build_datasets.py")
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
+def test_build_datasets_command_end_to_end(llava_fixture, tmp_path, capsys):
+    from mm_llama.cli import main as cli
+
     chat, images = llava_fixture
-    script.main(["--source", "llava", "--json", str(chat), "--media-dir", str(images), "--encoder-preset", "tiny",
+    assert cli(["build-datasets", "--source", "llava", "--json", str(chat), "--media-dir", str(images), "--encoder-preset", "tiny",
           "--image-size", str(IMAGE_SIZE), "--output", str(tmp_path / "out"), "--num-workers", "0",
-          "--max-samples", "2", "--no-progress"])
+          "--max-samples", "2", "--no-progress"]) == 0
     printed = capsys.readouterr().out
     assert "records read: 2, written: 2" in printed and "skipped records: 0" in printed
     assert len(load_from_disk(str(tmp_path / "out"))["train"]) == 2

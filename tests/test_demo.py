@@ -335,6 +335,7 @@ def test_demo_smoke_end_to_end(tmp_path):
     from datasets import load_from_disk
     from transformers import AutoModelForCausalLM
 
+    from mm_llama.cli import run_command
     from mm_llama.demo.pipeline import DemoConfig, DemoPaths, run_demo
 
     # One thread: on a CI runner shared with other jobs, two PyTorch threads waiting on each other made the tiny
@@ -342,7 +343,8 @@ def test_demo_smoke_end_to_end(tmp_path):
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        summary = run_demo(DemoConfig(output=tmp_path / "demo", size="smoke", device="cpu", progress=False))
+        summary = run_demo(DemoConfig(output=tmp_path / "demo", size="smoke", device="cpu", progress=False),
+                           run_command)
     finally:
         torch.set_num_threads(threads)
     paths = DemoPaths(tmp_path / "demo")

@@ -12,7 +12,8 @@ from transformers import AutoModelForCausalLM
 
 from mm_llama import MMLlamaProcessor
 from mm_llama.evaluation import evaluate_loss, normalize_answer, score_answer
-from test_merge import MEDIA_DIM, load_script, save_stage1
+from mm_llama.cli import main as cli
+from test_merge import MEDIA_DIM, save_stage1
 
 
 def built_rows(seed: int = 0) -> list[dict]:
@@ -111,9 +112,8 @@ def test_evaluate_script_writes_loss_and_generation_results(setup, tmp_path, cap
     ]
     qa_file = tmp_path / "qa.jsonl"
     qa_file.write_text("\n".join(json.dumps(row) for row in qa_rows) + "\n")
-    script = load_script("evaluate")
     output = tmp_path / "out" / "eval.json"
-    assert script.main([str(stage1), "--device", "cpu", "--dataset", str(root / "built"), "--qa_file", str(qa_file),
+    assert cli(["evaluate", str(stage1), "--device", "cpu", "--dataset", str(root / "built"), "--qa_file", str(qa_file),
                         "--max_new_tokens", "6", "--batch_size", "2", "--output", str(output)]) == 0
     results = json.loads(output.read_text())
     assert results["loss_eval"] == pytest.approx(evaluate_loss(model, processor, root / "built"))
@@ -126,5 +126,5 @@ def test_evaluate_script_writes_loss_and_generation_results(setup, tmp_path, cap
     assert "token_accuracy" in capsys.readouterr().out
 
     qa_file.write_text(json.dumps({"media": "gone.pt", "question": "?", "answers": ["x"]}) + "\n")
-    assert script.main([str(stage1), "--device", "cpu", "--qa_file", str(qa_file), "--output", str(output)]) == 1
+    assert cli(["evaluate", str(stage1), "--device", "cpu", "--qa_file", str(qa_file), "--output", str(output)]) == 1
     assert "gone.pt" in capsys.readouterr().err

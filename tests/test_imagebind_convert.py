@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import math
 from pathlib import Path
 
@@ -261,7 +260,7 @@ def test_non_imagebind_state_dict_and_unknown_architecture_are_refused(official)
 
 
 def test_missing_or_unreadable_checkpoint_file(tmp_path):
-    with pytest.raises(FileNotFoundError, match="download_imagebind_checkpoint"):
+    with pytest.raises(FileNotFoundError, match="mm-llama download-imagebind"):
         load_imagebind_checkpoint(tmp_path / "nope.pth")
     broken = tmp_path / "broken.pth"
     broken.write_bytes(b"PK\x03\x04 not really a zip")
@@ -269,20 +268,14 @@ def test_missing_or_unreadable_checkpoint_file(tmp_path):
         load_imagebind_checkpoint(broken)
 
 
-def _load_script(relative: str):
-    spec = importlib.util.spec_from_file_location(Path(relative).stem, REPO / relative)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-def test_convert_script_writes_a_loadable_folder(tmp_path, capsys):
+def test_convert_command_writes_a_loadable_folder(tmp_path, capsys):
     official = official_state_dict(proj=1024)  # the tiny preset's projection_dim, so --preset tiny fits
     checkpoint = tmp_path / "imagebind.pth"
     torch.save(official, checkpoint)
-    script = _load_script("scripts/convert_imagebind_checkpoint.py")
+    from mm_llama.cli import main as cli
+
     out = tmp_path / "out"
-    assert script.main(["--checkpoint", str(checkpoint), "--output_dir", str(out), "--preset", "tiny",
+    assert cli(["convert-imagebind", "--checkpoint", str(checkpoint), "--output_dir", str(out), "--preset", "tiny",
                         "--image_size", str(SIZE)]) == 0
     assert {p.name for p in out.iterdir()} >= {"config.json", "model.safetensors", "preprocessor_config.json"}
     model = ImageBindVisionModel.from_pretrained(out).eval()
@@ -292,7 +285,7 @@ def test_convert_script_writes_a_loadable_folder(tmp_path, capsys):
         torch.testing.assert_close(model(pixels).embeds, meta_vision_forward(official, pixels), rtol=0, atol=1e-6)
 
     # A config that does not fit the weights (56-pixel position table) fails with the shape listing, exit code 1.
-    assert script.main(["--checkpoint", str(checkpoint), "--output_dir", str(tmp_path / "bad"), "--preset", "tiny",
+    assert cli(["convert-imagebind", "--checkpoint", str(checkpoint), "--output_dir", str(tmp_path / "bad"), "--preset", "tiny",
                         "--image_size", "56"]) == 1
     assert "pos_embedding_helper.pos_embed: checkpoint (1, 5, 64), expected (1, 17, 64)" in capsys.readouterr().err
     assert not (tmp_path / "bad").exists()

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import socket
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -102,7 +101,6 @@ def test_offline_error_is_clear(tmp_path):
     with pytest.raises(DownloadError, match=r"Cannot reach http://127\.0\.0\.1:\d+/imagebind_huge\.pth"):
         download_imagebind_checkpoint(tmp_path / "x.pth", url, timeout=5, progress=False)
 
-    spec = importlib.util.spec_from_file_location("download_script", REPO / "scripts/download_imagebind_checkpoint.py")
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
-    assert script.main(["--output", str(tmp_path / "x.pth"), "--url", url, "--timeout", "5", "--no_progress"]) == 1
+    from mm_llama.cli import main as cli
+
+    assert cli(["download-imagebind", "--output", str(tmp_path / "x.pth"), "--url", url, "--timeout", "5", "--no_progress"]) == 1

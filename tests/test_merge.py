@@ -185,32 +185,23 @@ def test_clear_errors_for_wrong_folders(checkpoints, tmp_path):
         convert_checkpoint(empty, tmp_path / "x")
 
 
-def load_script(name: str):
-    """Imports scripts/<name>.py as a module (scripts are not a package), so tests call `main(argv)` in-process."""
-    import importlib.util
+def test_merge_command(checkpoints, tmp_path, capsys):
+    from mm_llama.cli import main as cli
 
-    spec = importlib.util.spec_from_file_location(f"script_{name}", REPO_ROOT / "scripts" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-def test_convert_lora_checkpoint_script(checkpoints, tmp_path, capsys):
     _, _, stage2 = checkpoints
-    script = load_script("convert_lora_checkpoint")
-    assert script.main([str(stage2), str(tmp_path / "m")]) == 0
+    assert cli(["merge", str(stage2), str(tmp_path / "m")]) == 0
     assert capsys.readouterr().out.startswith("merge: wrote")
     assert (tmp_path / "m" / "model.safetensors").is_file()
-    assert script.main([str(tmp_path / "nope"), str(tmp_path / "m2")]) == 1
+    assert cli(["merge", str(tmp_path / "nope"), str(tmp_path / "m2")]) == 1
     err = capsys.readouterr().err
     assert err.startswith("error:") and "does not exist" in err and len(err.strip().splitlines()) == 1
 
 
 def test_chat_loader_merges_a_stage2_folder_on_load(checkpoints):
-    from mm_llama.inference import load_model_for_chat
+    from mm_llama.loading import load_model
 
     _, stage1, stage2 = checkpoints
-    model, processor = load_model_for_chat(stage2, device="cpu", dtype="float32")
+    model, processor = load_model(stage2, device="cpu", dtype="float32")
     assert type(model) is MMLlamaForCausalLM and isinstance(processor, MMLlamaProcessor)
     ids, embeds = media_prompt_ids(seed=7), torch.randn(1, 1, MEDIA_DIM)
     with torch.no_grad():

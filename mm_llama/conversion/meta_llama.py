@@ -33,7 +33,7 @@ from typing import Any
 
 import torch
 
-from ..dtypes import DTYPES
+from ..loading import resolve_dtype
 
 logger = logging.getLogger(__name__)
 
@@ -71,17 +71,6 @@ _SPLIT_DIM: dict[str, int | None] = {
     "attention_norm": None,
     "ffn_norm": None,
 }
-_LAYER_WEIGHTS = (
-    "attention.wq",
-    "attention.wk",
-    "attention.wv",
-    "attention.wo",
-    "feed_forward.w1",
-    "feed_forward.w2",
-    "feed_forward.w3",
-    "attention_norm",
-    "ffn_norm",
-)
 # Meta layer weight -> HF submodule of `model.layers.{i}`.
 _HF_LAYER_NAMES: dict[str, str] = {
     "attention.wq": "self_attn.q_proj",
@@ -93,6 +82,11 @@ _HF_LAYER_NAMES: dict[str, str] = {
     "feed_forward.w3": "mlp.up_proj",
     "attention_norm": "input_layernorm",
     "ffn_norm": "post_attention_layernorm",
+}
+_HF_TOP_LEVEL_NAMES: dict[str, str] = {
+    "tok_embeddings.weight": "model.embed_tokens.weight",
+    "norm.weight": "model.norm.weight",
+    "output.weight": "lm_head.weight",
 }
 # Present in some Meta checkpoints (the precomputed rotary frequencies); recomputed by HF, so not converted.
 _IGNORED_KEYS = frozenset({"rope.freqs"})
@@ -333,13 +327,10 @@ def load_meta_shards(
 
 
 def _expected_shapes(params: MetaLlamaParams, vocab_size: int) -> dict[str, tuple[int, ...]]:
-    """Full (unsharded) shape of every Meta weight implied by params.json."""
+    """Full (unsharded) shape of every Meta weight implied by params.json, in model order (embeddings, the layers,
+    the final norm, the output head)."""
     dim, hd, ffn = params.dim, params.head_dim, params.ffn_hidden_size
-    shapes: dict[str, tuple[int, ...]] = {
-        "tok_embeddings.weight": (vocab_size, dim),
-        "norm.weight": (dim,),
-        "output.weight": (vocab_size, dim),
-    }
+    shapes: dict[str, tuple[int, ...]] = {"tok_embeddings.weight": (vocab_size, dim)}
     per_layer = {
         "attention.wq": (params.n_heads * hd, dim),
         "attention.wk": (params.n_kv_heads * hd, dim),
@@ -354,6 +345,8 @@ def _expected_shapes(params: MetaLlamaParams, vocab_size: int) -> dict[str, tupl
     for i in range(params.n_layers):
         for name, shape in per_layer.items():
             shapes[f"layers.{i}.{name}.weight"] = shape
+    shapes["norm.weight"] = (dim,)
+    shapes["output.weight"] = (vocab_size, dim)
     return shapes
 
 
@@ -495,6 +488,15 @@ def _to_dtype(key: str, tensor: torch.Tensor, dtype: torch.dtype | None) -> torc
     return converted
 
 
+def hf_weight_name(meta_key: str) -> str:
+    """The HF `LlamaForCausalLM` name of a Meta weight (`layers.3.attention.wq.weight` ->
+    `model.layers.3.self_attn.q_proj.weight`)."""
+    if meta_key.startswith("layers."):
+        _, index, name = meta_key[: -len(".weight")].split(".", 2)
+        return f"model.layers.{index}.{_HF_LAYER_NAMES[name]}.weight"
+    return _HF_TOP_LEVEL_NAMES[meta_key]
+
+
 def iter_hf_weights(
     files: Sequence[Path],
     shards: Sequence[dict[str, torch.Tensor]],
@@ -509,20 +511,17 @@ def iter_hf_weights(
     """
     from tqdm.auto import tqdm
 
-    yield "model.embed_tokens.weight", _to_dtype(
-        "tok_embeddings.weight", _gather("tok_embeddings.weight", files, shards), dtype
-    )
-    for i in tqdm(range(params.n_layers), desc="Converting layers", unit="layer", disable=not progress):
-        for name in _LAYER_WEIGHTS:
-            key = f"layers.{i}.{name}.weight"
-            weight = _gather(key, files, shards)
-            if name == "attention.wq":
-                weight = permute_for_rotate_half(weight, params.n_heads)
-            elif name == "attention.wk":
-                weight = permute_for_rotate_half(weight, params.n_kv_heads)
-            yield f"model.layers.{i}.{_HF_LAYER_NAMES[name]}.weight", _to_dtype(key, weight, dtype)
-    yield "model.norm.weight", _to_dtype("norm.weight", _gather("norm.weight", files, shards), dtype)
-    yield "lm_head.weight", _to_dtype("output.weight", _gather("output.weight", files, shards), dtype)
+    tqdm_layers = tqdm(total=params.n_layers, desc="Converting layers", unit="layer", disable=not progress)
+    for key in _expected_shapes(params, vocab_size=0):  # Meta's order: embeddings, layer by layer, norm, output
+        weight = _gather(key, files, shards)
+        if key.endswith("attention.wq.weight"):
+            weight = permute_for_rotate_half(weight, params.n_heads)
+        elif key.endswith("attention.wk.weight"):
+            weight = permute_for_rotate_half(weight, params.n_kv_heads)
+        yield hf_weight_name(key), _to_dtype(key, weight, dtype)
+        if key.endswith("ffn_norm.weight"):
+            tqdm_layers.update(1)
+    tqdm_layers.close()
 
 
 def meta_to_hf_state_dict(
@@ -585,32 +584,19 @@ def llama_config_from_params(
 # writing
 # --------------------------------------------------------------------------------------------------------------------
 
-_SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]I?B|B)?\s*$", re.IGNORECASE)
-
-
 def parse_size(size: int | str) -> int:
-    """Bytes of a size such as 5_000_000, "5GB" (10**9 units) or "4GiB" (2**30 units)."""
-    if isinstance(size, int):
-        if size <= 0:
-            raise ValueError(f"max_shard_size must be positive, got {size}.")
-        return size
-    match = _SIZE_RE.match(size)
-    if not match:
-        raise ValueError(f"Cannot parse size {size!r}: use bytes or a string like '5GB' or '4GiB'.")
-    value, unit = float(match.group(1)), (match.group(2) or "B").upper()
-    scale = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
-             "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}[unit]  # fmt: skip
-    result = int(value * scale)
-    if result <= 0:
-        raise ValueError(f"max_shard_size must be positive, got {size!r}.")
+    """Bytes of a size such as 5_000_000, "5GB" (10**9 units) or "4GiB" (2**30 units), as transformers reads
+    `max_shard_size`."""
+    from transformers.utils.hub import convert_file_size_to_int
+
+    try:
+        result = convert_file_size_to_int(size)
+    except ValueError as error:
+        raise ValueError(f"Cannot parse size {size!r}: use bytes or a whole number with a unit, like '5GB' or "
+                         "'4GiB'.") from error
+    if not isinstance(result, int) or result <= 0:
+        raise ValueError(f"max_shard_size must be a positive size, got {size!r}.")
     return result
-
-
-def _weight_file_names(safe: bool) -> tuple[str, str, str]:
-    """(single-file name, shard prefix, index name) of HF's weight files."""
-    if safe:
-        return "model.safetensors", "model", "model.safetensors.index.json"
-    return "pytorch_model.bin", "pytorch_model", "pytorch_model.bin.index.json"
 
 
 def _remove_stale_weights(output_dir: Path) -> None:
@@ -626,66 +612,54 @@ def save_weights_sharded(
     weights: Iterable[tuple[str, torch.Tensor]],
     output_dir: str | os.PathLike,
     *,
+    shapes: dict[str, tuple[int, ...]],
+    dtype: torch.dtype,
     max_shard_size: int | str = "5GB",
     safe_serialization: bool = True,
 ) -> list[Path]:
     """Writes (name, tensor) pairs as HF weight files while they are produced; returns the written files.
 
-    Same layout as `PreTrainedModel.save_pretrained`: one `model.safetensors`, or `model-0000i-of-0000n.safetensors`
-    files plus `model.safetensors.index.json` (PyTorch `.bin` equivalents when `safe_serialization=False`). A tensor
-    larger than `max_shard_size` gets a shard of its own.
+    The shard plan is huggingface_hub's `split_torch_state_dict_into_shards`, made up front from `shapes` (every
+    weight's shape, in `dtype`) with meta tensors, so the layout is exactly `PreTrainedModel.save_pretrained`'s; each
+    file is written as soon as its last weight arrives, so only about one shard is ever in memory (a 70B model
+    converts on a machine with little RAM). PyTorch `.bin` files when `safe_serialization=False`.
     """
+    from huggingface_hub import split_torch_state_dict_into_shards
     from safetensors.torch import save_file
 
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
-    limit = parse_size(max_shard_size)
-    single_name, prefix, index_name = _weight_file_names(safe_serialization)
+    prefix, ext, index_name = ("model", "safetensors", "model.safetensors.index.json") if safe_serialization else (
+        "pytorch_model", "bin", "pytorch_model.bin.index.json")
+    plan = split_torch_state_dict_into_shards(
+        {name: torch.empty(shape, dtype=dtype, device="meta") for name, shape in shapes.items()},
+        filename_pattern=prefix + "{suffix}." + ext, max_shard_size=parse_size(max_shard_size),
+    )
     _remove_stale_weights(output_dir)
-
-    temp_files: list[Path] = []
-    shard_keys: list[list[str]] = []
-    current: dict[str, torch.Tensor] = {}
-    current_size = 0
-    total_size = 0
-
-    def flush() -> None:
-        nonlocal current, current_size
-        if not current:
-            return
-        path = output_dir / f"{prefix}-{len(temp_files) + 1:05d}.tmp-shard"
-        if safe_serialization:
-            save_file(current, str(path), metadata={"format": "pt"})
-        else:
-            torch.save(current, path)
-        temp_files.append(path)
-        shard_keys.append(list(current))
-        current, current_size = {}, 0
-
+    pending = {filename: {} for filename in plan.filename_to_tensors}
+    written: list[Path] = []
     for name, tensor in weights:
-        nbytes = tensor.numel() * tensor.element_size()
-        if current and current_size + nbytes > limit:
-            flush()
-        current[name] = tensor
-        current_size += nbytes
-        total_size += nbytes
-    flush()
-
-    ext = "safetensors" if safe_serialization else "bin"
-    if len(temp_files) == 1:
-        final = [output_dir / single_name]
-        temp_files[0].replace(final[0])
-        return final
-    final = []
-    weight_map: dict[str, str] = {}
-    for i, (path, keys) in enumerate(zip(temp_files, shard_keys), start=1):
-        target = output_dir / f"{prefix}-{i:05d}-of-{len(temp_files):05d}.{ext}"
-        path.replace(target)
-        final.append(target)
-        weight_map.update({key: target.name for key in keys})
-    index = {"metadata": {"total_size": total_size}, "weight_map": weight_map}
-    (output_dir / index_name).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
-    return final
+        if name not in plan.tensor_to_filename or tuple(tensor.shape) != tuple(shapes[name]):
+            raise MetaCheckpointError(f"Weight {name} {tuple(tensor.shape)} is not in the conversion plan "
+                                      f"({shapes.get(name)}); the checkpoint does not match params.json.")
+        filename = plan.tensor_to_filename[name]
+        pending[filename][name] = tensor
+        if len(pending[filename]) == len(plan.filename_to_tensors[filename]):
+            path, partial = output_dir / filename, output_dir / f"{filename}.tmp-shard"
+            if safe_serialization:
+                save_file(pending.pop(filename), str(partial), metadata={"format": "pt"})
+            else:
+                torch.save(pending.pop(filename), partial)
+            partial.replace(path)  # a killed conversion never leaves a complete-looking weight file
+            written.append(path)
+    if pending:  # files whose weights did not all arrive
+        missing = sorted(name for filename, received in pending.items()
+                         for name in plan.filename_to_tensors[filename] if name not in received)
+        raise MetaCheckpointError(f"The conversion produced no tensor for {missing[:5]}; the checkpoint is incomplete.")
+    if plan.is_sharded:
+        index = {"metadata": plan.metadata, "weight_map": plan.tensor_to_filename}
+        (output_dir / index_name).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+    return sorted(written)
 
 
 def convert_meta_llama(
@@ -716,8 +690,7 @@ def convert_meta_llama(
 
     from mm_llama.tokenization_mm_llama import MMLlamaTokenizer
 
-    if dtype not in DTYPES:
-        raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}.")
+    torch_dtype = resolve_dtype(dtype, torch.device("cpu"))
     input_dir, output_dir = Path(input_dir), Path(output_dir)
     if not input_dir.is_dir():
         raise FileNotFoundError(f"Input folder {input_dir} does not exist: pass the Meta model folder as --input_dir.")
@@ -748,8 +721,10 @@ def convert_meta_llama(
         input_dir, len(files), params.n_layers, params.dim, output_dir, dtype,
     )  # fmt: skip
     save_weights_sharded(
-        iter_hf_weights(files, shards, params, dtype=DTYPES[dtype], progress=progress),
+        iter_hf_weights(files, shards, params, dtype=torch_dtype, progress=progress),
         output_dir,
+        shapes={hf_weight_name(key): shape for key, shape in _expected_shapes(params, vocab_size).items()},
+        dtype=torch_dtype,
         max_shard_size=max_shard_size,
         safe_serialization=safe_serialization,
     )
@@ -770,7 +745,6 @@ def convert_meta_llama(
 
 
 __all__ = [
-    "DTYPES",
     "LLAMA2_MAX_POSITION_EMBEDDINGS",
     "MetaCheckpointError",
     "MetaLlamaParams",
@@ -779,6 +753,7 @@ __all__ = [
     "ffn_hidden_size",
     "find_shard_files",
     "find_tokenizer_model",
+    "hf_weight_name",
     "iter_hf_weights",
     "llama_config_from_params",
     "load_meta_shards",

@@ -3,49 +3,35 @@
 - `sources`: one reader per format (LLaVA, VideoChat, our JSON/JSONL) yielding validated records.
 - `build`: the embedding builder (`build_dataset`), resumable and multi-process, writing a `DatasetDict` and a
   manifest.
+- `collator`: training batches from built rows.
 - `webvid`: downloads the WebVid videos a VideoChat JSON needs.
+
+The names below are imported on first use, so that the light readers (`mm_llama.data.sources`) do not pull in torch
+and datasets.
 """
 
-from .assemble import dataset_features, split_dataset
-from .build import DEFAULT_VALIDATION_RATIO, build_dataset, distinct_media, format_summary, read_all_sources
-from .records import SKIP_REASONS, RecordError, SkipLog, validate_record
-from .sources import (
-    SOURCE_KINDS,
-    SourceSpec,
-    llava_to_record,
-    read_llava,
-    read_records,
-    read_source,
-    read_videochat,
-    resolve_video_path,
-    videochat_to_records,
-)
-from .webvid import OfflineError, download_webvid
+from __future__ import annotations
 
-from .collator import MMLlamaDataCollator
+import importlib
+from typing import Any
 
-__all__ = [
-    "DEFAULT_VALIDATION_RATIO",
-    "MMLlamaDataCollator",
-    "SKIP_REASONS",
-    "SOURCE_KINDS",
-    "OfflineError",
-    "RecordError",
-    "SkipLog",
-    "SourceSpec",
-    "build_dataset",
-    "dataset_features",
-    "distinct_media",
-    "download_webvid",
-    "format_summary",
-    "llava_to_record",
-    "read_all_sources",
-    "read_llava",
-    "read_records",
-    "read_source",
-    "read_videochat",
-    "resolve_video_path",
-    "split_dataset",
-    "validate_record",
-    "videochat_to_records",
-]
+_PUBLIC_NAMES = {
+    "dataset_features": "assemble", "split_dataset": "assemble",
+    "DEFAULT_VALIDATION_RATIO": "build", "build_dataset": "build", "distinct_media": "build",
+    "format_summary": "build", "read_all_sources": "build",
+    "MMLlamaDataCollator": "collator",
+    "SKIP_REASONS": "records", "RecordError": "records", "SkipLog": "records", "validate_record": "records",
+    "SOURCE_KINDS": "sources", "SourceSpec": "sources", "iter_jsonl": "sources", "llava_to_record": "sources",
+    "read_llava": "sources", "read_records": "sources", "read_source": "sources", "read_videochat": "sources",
+    "resolve_video_path": "sources", "videochat_to_records": "sources",
+    "OfflineError": "webvid", "download_webvid": "webvid",
+}  # fmt: skip
+
+
+def __getattr__(name: str) -> Any:
+    if name in _PUBLIC_NAMES:
+        return getattr(importlib.import_module(f".{_PUBLIC_NAMES[name]}", __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+__all__ = sorted(_PUBLIC_NAMES)

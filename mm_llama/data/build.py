@@ -30,9 +30,10 @@ from accelerate import PartialState
 from tqdm.auto import tqdm
 
 from .assemble import ShardIndex, split_dataset, write_rows
-from .embed import DTYPES, embed_shards, encoder_description
+from ..loading import resolve_dtype
+from .embed import embed_shards, encoder_description
 from .media import MediaItem
-from .records import SkipLog
+from .records import MEDIA_SKIP_REASONS, SkipLog
 from .shards import (
     finished_shards,
     media_fingerprint,
@@ -153,8 +154,7 @@ def build_dataset(
         ValueError: an unfinished build in `output_dir` used other media, encoder or settings.
     """
     started = time.monotonic()
-    if dtype not in DTYPES:
-        raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
+    torch_dtype = resolve_dtype(dtype, torch.device("cpu"))  # checked now, not after reading the sources
     if batch_size < 1 or shard_size < 1:
         raise ValueError(f"batch_size and shard_size must be positive, got {batch_size} and {shard_size}")
     if not 0.0 <= validation_ratio < 1.0:  # checked now, not after hours of embedding
@@ -167,7 +167,7 @@ def build_dataset(
 
     records, skips = read_all_sources(sources, progress=progress)
     items = distinct_media(records)
-    model = model.to(device=torch.device(device) if device is not None else state.device, dtype=DTYPES[dtype])
+    model = model.to(device=torch.device(device) if device is not None else state.device, dtype=torch_dtype)
     model.eval()
     encoder = encoder_description(model)
     plan = {
@@ -206,7 +206,7 @@ def build_dataset(
     done = finished_shards(work, items, shard_size, shard_ids=mine)
     embed_shards(
         model, items, [k for k in mine if k not in done], shard_size, work,
-        device=next(model.parameters()).device, dtype=DTYPES[dtype], batch_size=batch_size,
+        device=next(model.parameters()).device, dtype=torch_dtype, batch_size=batch_size,
         num_workers=num_workers, progress=progress,
         description=f"embedding (process {state.process_index})" if state.num_processes > 1 else "embedding",
         on_shard_written=on_shard_written,
@@ -243,7 +243,10 @@ def _manifest(sources, records, written, skips, items, media_failed, splits, enc
     total_skips = SkipLog()
     for log in skips.values():
         total_skips.merge(log)
-    read_per_source = {spec.name: 0 for spec in sources}
+    # Everything a source's reader looked at: its valid records plus those it skipped (media are checked later, by
+    # the builder, so a record skipped for its media is among the valid ones): read = written + skipped.
+    read_per_source = {spec.name: sum(count for reason, count in skips[spec.name].counts.items()
+                                      if reason not in MEDIA_SKIP_REASONS) for spec in sources}
     for name, _ in records:
         read_per_source[name] += 1
     media_by_type = {kind: sum(1 for item in items if item.type == kind) for kind in ("image", "video")}
@@ -257,7 +260,7 @@ def _manifest(sources, records, written, skips, items, media_failed, splits, enc
         ],
         "encoder": {**encoder, "dtype": dtype},
         "counts": {
-            "records_read": len(records),
+            "records_read": sum(read_per_source.values()),
             "records_written": sum(written.values()),
             "splits": {name: len(split) for name, split in splits.items()},
             "media_distinct": len(items),

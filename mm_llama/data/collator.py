@@ -27,7 +27,7 @@ def row_to_record(row: dict[str, Any]) -> dict[str, Any]:
     if missing:
         raise KeyError(
             f"Dataset row {row.get('id')!r} lacks column(s) {missing}; training expects datasets built by "
-            "scripts/build_datasets.py (columns id, messages, media_types, media_embeds)."
+            "mm-llama build-datasets (columns id, messages, media_types, media_embeds)."
         )
     return {"id": row.get("id"), "messages": row["messages"], "media": [{"type": t} for t in row["media_types"]]}
 
@@ -110,7 +110,7 @@ class MMLlamaDataCollator:
                 raise ValueError(
                     f"Row {row.get('id')!r} has {len(encoded.input_ids)} tokens > max_seq_len={self.max_seq_len} "
                     "with truncation='drop': filter the dataset first (mm_llama.training.data.filter_by_length, "
-                    "which scripts/train.py applies) or use truncation='truncate'."
+                    "which mm-llama train applies) or use truncation='truncate'."
                 )
             encoded = truncate_encoded(encoded, self.max_seq_len, self.processor.media_token_id)
         embeds = row.get("media_embeds")

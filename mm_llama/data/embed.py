@@ -12,8 +12,6 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from ..dtypes import DTYPES
-
 from .media import MediaDecodeDataset, MediaItem, collate_media
 from .shards import STATUS_OK, ShardWriter, shard_range
 
@@ -67,8 +65,8 @@ def embed_shards(
 ) -> None:
     """Embeds the media of `shard_ids` and writes one shard file each (see `shards.py`).
 
-    `model` must offer `embed_images([B, 3, S, S]) -> [B, D]` and `embed_videos([B, 15, 3, 2, S, S]) -> [B, D]`
-    and sit on `device` in `dtype`; S is `model.config.image_size`. Batches never cross a shard boundary, so a
+    `model` must offer the vision model's `embed_media(pixel_values=[B, 3, S, S] | video_pixel_values=[B, 15, 3, 2,
+    S, S]) -> [B, D]` and sit on `device` in `dtype`; S is `model.config.image_size`. Batches never cross a shard boundary, so a
     shard's embeddings do not depend on which other shards are (re)done in the same run or by which process.
     `on_shard_written(shard_id)` is called after each shard file is complete (progress hooks, tests).
     """
@@ -98,12 +96,12 @@ def embed_shards(
             results = pending.setdefault(shard_id, {})
             for index, reason, error in batch["failures"]:
                 results[index] = (reason, error, None)
-            for pixels_key, indices_key, embed in (("images", "image_indices", model.embed_images),
-                                                   ("videos", "video_indices", model.embed_videos)):
+            for pixels_key, indices_key, argument in (("images", "image_indices", "pixel_values"),
+                                                      ("videos", "video_indices", "video_pixel_values")):
                 if batch[pixels_key] is None:
                     continue
                 pixels = batch[pixels_key].to(device=device, dtype=dtype, non_blocking=True)
-                vectors = _as_tokens(embed(pixels))
+                vectors = _as_tokens(model.embed_media(**{argument: pixels}))
                 dim_tokens = vectors.shape[1:]
                 for index, vector in zip(batch[indices_key], vectors):
                     results[index] = (STATUS_OK, None, vector)

@@ -6,7 +6,6 @@ one unreadable file never stops a build that may have run for hours.
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from typing import Any
 
@@ -29,6 +28,9 @@ class MediaItem:
         return f"{self.type}:{self.path}"
 
 
+_SKIP_REASON = {"missing": SKIP_MISSING_MEDIA, "empty": SKIP_EMPTY_MEDIA, "corrupt": SKIP_CORRUPT_MEDIA}
+
+
 def decode_media(item: MediaItem, image_size: int) -> dict[str, Any]:
     """Decodes one file; returns `{"pixels": Tensor | None, "reason": str | None, "error": str | None}`.
 
@@ -36,15 +38,13 @@ def decode_media(item: MediaItem, image_size: int) -> dict[str, Any]:
     On failure `pixels` is None and `reason` is missing_media, empty_media or corrupt_media.
     """
     # Imported here so that readers and tests of the record logic do not need the encoder package.
-    from mm_llama.imagebind import load_image, load_video
+    from mm_llama.imagebind import MediaLoadError, load_image, load_video
 
-    if not os.path.exists(item.path):
-        return {"pixels": None, "reason": SKIP_MISSING_MEDIA, "error": f"{item.path}: no such file"}
-    if os.path.getsize(item.path) == 0:
-        return {"pixels": None, "reason": SKIP_EMPTY_MEDIA, "error": f"{item.path}: zero-length file"}
     loader = load_image if item.type == "image" else load_video
     try:
         pixels = loader(item.path, image_size=image_size)
+    except MediaLoadError as error:
+        return {"pixels": None, "reason": _SKIP_REASON[error.problem], "error": str(error)}
     except Exception as error:  # noqa: BLE001 - decoders (PIL, decord) raise many types; any is a bad file here.
         return {"pixels": None, "reason": SKIP_CORRUPT_MEDIA, "error": f"{item.path}: {type(error).__name__}: {error}"}
     return {"pixels": pixels, "reason": None, "error": None}

@@ -41,6 +41,9 @@ SKIP_MISSING_MEDIA = "missing_media"
 SKIP_EMPTY_MEDIA = "empty_media"  # a zero-length file
 SKIP_CORRUPT_MEDIA = "corrupt_media"  # a file the decoder cannot read
 
+# Found by the builder when it decodes a record's media (readers never open media files).
+MEDIA_SKIP_REASONS = (SKIP_MISSING_MEDIA, SKIP_EMPTY_MEDIA, SKIP_CORRUPT_MEDIA)
+
 SKIP_REASONS = (
     SKIP_MALFORMED,
     SKIP_NO_HUMAN_TURN,

@@ -208,16 +208,26 @@ def read_videochat(
 # --- Our own record format (JSON list or JSONL) --------------------------------------------------------------------
 
 
-def _iter_jsonl(path: Path, skips: SkipLog) -> Iterator[tuple[int, Any]]:
-    """(line number, parsed object) for each non-blank line; unparsable lines are skipped as malformed."""
-    with path.open("r", encoding="utf-8") as f:
+def iter_jsonl(path: str | os.PathLike) -> Iterator[tuple[int, Any, str | None]]:
+    """(line number, parsed object, None) for each non-blank line of a JSONL file, or (line number, None, error)
+    for a line that is not valid JSON, so that callers decide whether a bad line stops them or is counted."""
+    with Path(path).open("r", encoding="utf-8") as f:
         for line_number, line in enumerate(f, start=1):
             if not line.strip():
                 continue
             try:
-                yield line_number, json.loads(line)
+                yield line_number, json.loads(line), None
             except json.JSONDecodeError as error:
-                skips.add(SKIP_MALFORMED, f"{path}:{line_number}", f"not valid JSON ({error.msg})")
+                yield line_number, None, f"not valid JSON ({error.msg})"
+
+
+def _iter_jsonl(path: Path, skips: SkipLog) -> Iterator[tuple[int, Any]]:
+    """(line number, parsed object) for each non-blank line; unparsable lines are skipped as malformed."""
+    for line_number, value, error in iter_jsonl(path):
+        if error is not None:
+            skips.add(SKIP_MALFORMED, f"{path}:{line_number}", error)
+        else:
+            yield line_number, value
 
 
 def read_records(path: str | os.PathLike, media_dir: str | os.PathLike | None, skips: SkipLog) -> Iterator[dict]:

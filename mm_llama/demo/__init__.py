@@ -1,4 +1,4 @@
-"""The built-in demo (`scripts/demo.py`): a synthetic image/video corpus, tiny stand-ins for LLaMA-2-chat and
+"""The built-in demo (`mm-llama demo`): a synthetic image/video corpus, tiny stand-ins for LLaMA-2-chat and
 ImageBind saved in Meta's checkpoint formats, and a pipeline that runs the project's real scripts on them.
 
 - `corpus`: shapes and clips with questions in LLaVA / VideoChat formats, a held-out eval set, pre-training text.

@@ -1,15 +1,14 @@
 """The demo pipeline: synthetic corpus -> tiny stand-in checkpoints -> the real MM-LLaMA steps -> accuracy summary.
 
-Every step after the stand-ins runs the project's real command-line scripts (in this process, with the exact
-argument list printed, so that a user can re-run any step by hand): checkpoint conversion, `build_datasets.py`,
-`train.py` with the `recipes/demo/` recipes, `convert_lora_checkpoint.py` and `evaluate.py`. The code that runs
-is the code that trains LLaMA-2-7B on a GPU; only the sizes differ.
+Every step after the stand-ins runs the project's real commands (`mm_llama.cli`, in this process, with the exact
+command line printed, so that a user can re-run any step by hand): checkpoint conversion, `mm-llama build-datasets`,
+`mm-llama train` with the demo recipes (shipped in the package: mm_llama/demo/recipes/), `mm-llama merge` and
+`mm-llama evaluate`. The code that runs is the code that trains LLaMA-2-7B on a GPU; only the sizes differ.
 """
 
 from __future__ import annotations
 
 import json
-import runpy
 import shlex
 import sys
 import time
@@ -21,9 +20,7 @@ from typing import Callable, Sequence
 from .corpus import CORPUS_SIZES, QUESTION_TYPES, CorpusPaths, generate_corpus, read_eval_items
 from .tiny_models import IMAGEBIND_IMAGE_SIZE, TinyLlamaSpec, pretrain_tiny_imagebind, pretrain_tiny_llama, train_tokenizer
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
-SCRIPTS_DIR = REPO_ROOT / "scripts"
-RECIPES_DIR = REPO_ROOT / "recipes" / "demo"
+RECIPES_DIR = Path(__file__).resolve().parent / "recipes"  # package data: works from a wheel install too
 
 
 @dataclass(frozen=True)
@@ -100,11 +97,15 @@ class StepError(RuntimeError):
     """A demo step failed; the message names the step and the command to re-run it."""
 
 
-class Reporter:
-    """Prints a numbered header per step, and a short summary with its time when it ends."""
+CommandRunner = Callable[[str, list], int]  # (command, arguments) -> exit status, as `mm_llama.cli.run_command`
 
-    def __init__(self, total: int, stream=sys.stdout):
-        self.total, self.index, self.stream = total, 0, stream
+
+class Reporter:
+    """Prints a numbered header per step, and a short summary with its time when it ends; runs the steps' commands
+    with `run_command` (given by the CLI, so that the demo does not import the CLI that imports the demo)."""
+
+    def __init__(self, total: int, run_command: CommandRunner, stream=sys.stdout):
+        self.total, self.index, self.stream, self.run_command = total, 0, stream, run_command
         self.timings: dict[str, float] = {}
 
     def step(self, title: str) -> "_StepContext":
@@ -137,24 +138,18 @@ class _StepContext:
         return False
 
 
-def run_script(script: str, args: Sequence[str], reporter: Reporter) -> None:
-    """Runs `scripts/<script>` with `args` exactly as its command line would, in this process (saving the 5-30 s
-    of interpreter and library start-up per step), after printing the command.
+def run_step(command: str, args: Sequence, reporter: Reporter) -> None:
+    """Runs `mm-llama <command> <args>` in this process with the reporter's command runner (`mm_llama.cli`'s, which
+    starts the demo; saving the 5-30 s of interpreter and library start-up per step), after printing the command
+    line.
 
-    Raises StepError when the script exits with a non-zero status or raises.
+    Raises StepError when the command fails.
     """
-    path = SCRIPTS_DIR / script
-    command = f"python scripts/{script} " + " ".join(shlex.quote(str(a)) for a in args)
-    reporter.print(f"    $ {command}")
-    saved_argv = sys.argv
-    sys.argv = [str(path), *map(str, args)]
-    try:
-        runpy.run_path(str(path), run_name="__main__")
-    except SystemExit as exit_:
-        if exit_.code not in (None, 0):
-            raise StepError(f"{script} exited with status {exit_.code}; re-run it by hand to see why:\n  {command}")
-    finally:
-        sys.argv = saved_argv
+    line = f"mm-llama {command} " + " ".join(shlex.quote(str(a)) for a in args)
+    reporter.print(f"    $ {line}")
+    status = reporter.run_command(command, [str(a) for a in args])
+    if status != 0:
+        raise StepError(f"`mm-llama {command}` exited with status {status}; re-run it by hand to see why:\n  {line}")
 
 
 def _progress_bar(description: str, enabled: bool) -> Callable[[int, int, dict], None] | None:
@@ -223,7 +218,7 @@ class DemoConfig:
         return replace(size, max_steps=self.steps) if self.steps is not None else size
 
     def resolved_device(self) -> str:
-        from ..inference import resolve_device
+        from ..loading import resolve_device
 
         return str(resolve_device(self.device))
 
@@ -233,22 +228,23 @@ STEP_TITLES = (
     "Tokenizer: sentencepiece BPE trained on the corpus text with LLaMA's settings",
     "Tiny LLaMA 'chat' stand-in: pre-trained on the corpus text, saved in Meta's format, converted",
     "Tiny ImageBind stand-in: pre-trained on its own scenes, saved as Meta's flat .pth, converted",
-    "build_datasets: ImageBind embeddings of every image and video into Arrow datasets",
-    "Stage 1: projector training (LLM frozen) with scripts/train.py recipes/demo/stage1.yaml",
-    "Stage 2: LoRA + projector instruction tuning with scripts/train.py recipes/demo/stage2.yaml",
-    "Merge the LoRA adapter into one MM-LLaMA model (scripts/convert_lora_checkpoint.py)",
-    "Generation eval on the held-out set (scripts/evaluate.py) and sample chats",
+    "build-datasets: ImageBind embeddings of every image and video into Arrow datasets",
+    "Stage 1: projector training (LLM frozen) with mm-llama train and the demo stage1.yaml",
+    "Stage 2: LoRA + projector instruction tuning with mm-llama train and the demo stage2.yaml",
+    "Merge the LoRA adapter into one MM-LLaMA model (mm-llama merge)",
+    "Generation eval on the held-out set (mm-llama evaluate) and sample chats",
 )
 
 
-def run_demo(config: DemoConfig, reporter: Reporter | None = None) -> dict:
-    """Runs every step of the demo into `config.output`; returns the summary (also written to summary.json)."""
+def run_demo(config: DemoConfig, run_command: CommandRunner, reporter: Reporter | None = None) -> dict:
+    """Runs every step of the demo into `config.output`, each command with `run_command` (`mm_llama.cli.run_command`);
+    returns the summary (also written to summary.json)."""
     started = time.monotonic()
     size = config.resolved_size()
     device = config.resolved_device()
     paths = DemoPaths(config.output)
     paths.root.mkdir(parents=True, exist_ok=True)
-    reporter = reporter or Reporter(len(STEP_TITLES))
+    reporter = reporter or Reporter(len(STEP_TITLES), run_command)
     reporter.print(f"MM-LLaMA demo: size {config.size}, device {device}, seed {config.seed}, output {paths.root}")
     summary: dict = {"size": config.size, "device": device, "seed": config.seed, "knobs": asdict(size),
                      "output": str(paths.root)}
@@ -277,7 +273,7 @@ def run_demo(config: DemoConfig, reporter: Reporter | None = None) -> dict:
                                     on_step=_progress_bar("pre-training tiny LLaMA", config.progress))
         step.note(f"{llama['parameters'] / 1e6:.2f} M parameters, {llama['steps']} steps, final loss "
                   f"{llama['final_loss']:.3f} ({llama['seconds']:.0f} s) -> {paths.meta_llama}")
-        run_script("convert_meta_checkpoint.py", ["--input_dir", paths.meta_llama, "--output_dir", paths.hf_llama,
+        run_step("convert-meta", ["--input_dir", paths.meta_llama, "--output_dir", paths.hf_llama,
                                                   "--dtype", "float32", "--no_progress"], reporter)
         step.note(f"converted to a Hugging Face LLaMA folder -> {paths.hf_llama}")
         summary["llama"] = llama
@@ -290,7 +286,7 @@ def run_demo(config: DemoConfig, reporter: Reporter | None = None) -> dict:
         accuracy = ", ".join(f"{k} {v:.0%}" for k, v in imagebind["held_out_attribute_accuracy"].items())
         step.note(f"{imagebind['parameters'] / 1e6:.2f} M parameters, {imagebind['steps']} steps; held-out attribute "
                   f"accuracy of its pre-training heads (discarded): {accuracy}")
-        run_script("convert_imagebind_checkpoint.py", ["--checkpoint", paths.meta_imagebind, "--output_dir",
+        run_step("convert-imagebind", ["--checkpoint", paths.meta_imagebind, "--output_dir",
                                                        paths.hf_imagebind, "--preset", "tiny", "--image_size",
                                                        IMAGEBIND_IMAGE_SIZE], reporter)
         step.note(f"converted to an ImageBindVisionModel folder -> {paths.hf_imagebind}")
@@ -306,7 +302,7 @@ def run_demo(config: DemoConfig, reporter: Reporter | None = None) -> dict:
         }
         summary["datasets"] = {}
         for name, source in builds.items():
-            run_script("build_datasets.py", [*source, "--encoder", paths.hf_imagebind, "--output", paths.dataset(name),
+            run_step("build-datasets", [*source, "--encoder", paths.hf_imagebind, "--output", paths.dataset(name),
                                              "--validation-ratio", "0.05", "--seed", config.seed, "--batch-size", 32,
                                              "--num-workers", config.num_workers, "--overwrite",
                                              *([] if config.progress else ["--no-progress"])], reporter)
@@ -318,14 +314,14 @@ def run_demo(config: DemoConfig, reporter: Reporter | None = None) -> dict:
     if size.max_steps is not None:
         train_common += ["--max_steps", str(size.max_steps)]
     with reporter.step(STEP_TITLES[5]) as step:
-        run_script("train.py", [RECIPES_DIR / "stage1.yaml", "--model_name_or_path", paths.hf_llama,
+        run_step("train", [RECIPES_DIR / "stage1.yaml", "--model_name_or_path", paths.hf_llama,
                                 "--dataset_paths", paths.dataset("cc3m"), "--output_dir", paths.run(1),
                                 "--num_train_epochs", size.stage1_epochs, *train_common], reporter)
         summary["stage1"] = _train_metrics(paths.run(1))
         step.note(_format_train_metrics(summary["stage1"]) + f" -> {paths.run(1)} (TensorBoard: {paths.run(1)}/runs)")
 
     with reporter.step(STEP_TITLES[6]) as step:
-        run_script("train.py", [RECIPES_DIR / "stage2.yaml", "--model_name_or_path", paths.run(1),
+        run_step("train", [RECIPES_DIR / "stage2.yaml", "--model_name_or_path", paths.run(1),
                                 "--dataset_paths", paths.dataset("llava_instruct"), paths.dataset("videochat"),
                                 "--output_dir", paths.run(2), "--num_train_epochs", size.stage2_epochs,
                                 *train_common], reporter)
@@ -333,7 +329,7 @@ def run_demo(config: DemoConfig, reporter: Reporter | None = None) -> dict:
         step.note(_format_train_metrics(summary["stage2"]) + f" -> {paths.run(2)} (TensorBoard: {paths.run(2)}/runs)")
 
     with reporter.step(STEP_TITLES[7]) as step:
-        run_script("convert_lora_checkpoint.py", [paths.run(2), paths.merged], reporter)
+        run_step("merge", [paths.run(2), paths.merged], reporter)
         step.note(f"merged model (AutoModelForCausalLM.from_pretrained loads it) -> {paths.merged}")
 
     with reporter.step(STEP_TITLES[8]) as step:
@@ -353,7 +349,7 @@ def run_demo(config: DemoConfig, reporter: Reporter | None = None) -> dict:
         live = [next((s for s in summary["samples"] if s["media_type"] == kind), None) for kind in ("image", "video")]
         for sample in filter(None, live):
             reporter.print(f"    chat about {sample['media']} ({sample['description']})")
-            run_script("chat.py", [paths.merged, "--imagebind", paths.hf_imagebind, "--temperature", "0",
+            run_step("chat", [paths.merged, "--imagebind", paths.hf_imagebind, "--temperature", "0",
                                    "--max_new_tokens", "24", "--device", device, "--prompt", sample["question"],
                                    f"--{sample['media_type']}", paths.corpus.eval_jsonl.parent / sample["media"]],
                        reporter)
@@ -398,9 +394,9 @@ def _format_train_metrics(metrics: dict) -> str:
 
 def run_generation_eval(model_dir: Path, paths: DemoPaths, name: str, reporter: Reporter, device: str) -> dict[str, str]:
     """Answers every held-out question by greedy generation from the raw media file (embedded by the converted
-    ImageBind folder, as in a user's chat) with `scripts/evaluate.py --qa_file`; returns {item id: answer}."""
+    ImageBind folder, as in a user's chat) with `mm-llama evaluate --qa_file`; returns {item id: answer}."""
     output = paths.evaluation(name)
-    run_script("evaluate.py", [model_dir, "--qa_file", paths.corpus.eval_jsonl, "--imagebind", paths.hf_imagebind,
+    run_step("evaluate", [model_dir, "--qa_file", paths.corpus.eval_jsonl, "--imagebind", paths.hf_imagebind,
                                "--max_new_tokens", "16", "--batch_size", "32", "--device", device,
                                "--output", output], reporter)
     examples = json.loads(output.read_text())["generation_eval"]["examples"]
@@ -422,4 +418,4 @@ def sample_chats(eval_items: list[dict], predictions: dict[str, str], paths: Dem
 
 
 __all__ = ["DEMO_SIZES", "DemoConfig", "DemoPaths", "DemoSize", "Reporter", "StepError", "accuracy_by_type",
-           "format_accuracy_table", "run_demo", "run_script"]
+           "format_accuracy_table", "run_demo", "run_step"]

@@ -1,9 +1,10 @@
 """ImageBind's vision encoder (Meta's `imagebind_huge`) as a Hugging Face model, with its preprocessing.
 
-Importing this package registers `ImageBindVisionConfig` / `ImageBindVisionModel` with `AutoConfig` / `AutoModel`.
+Importing this package registers `ImageBindVisionConfig` / `ImageBindVisionModel` / `ImageBindProcessor` with
+`AutoConfig` / `AutoModel` / `AutoImageProcessor` (the MM-LLaMA processor loads its image processor through it).
 """
 
-from transformers import AutoConfig, AutoModel
+from transformers import AutoConfig, AutoImageProcessor, AutoModel
 
 from .configuration_imagebind import IMAGEBIND_VISION_PRESETS, ImageBindVisionConfig
 from .conversion_imagebind import (
@@ -19,6 +20,7 @@ from .processing_imagebind import (
     IMAGEBIND_STD,
     ImageBindProcessor,
     MediaLoadError,
+    check_media_file,
     clip_frame_indices,
     clip_timepoints,
     crop_offsets,
@@ -29,6 +31,7 @@ from .processing_imagebind import (
 
 AutoConfig.register(ImageBindVisionConfig.model_type, ImageBindVisionConfig, exist_ok=True)
 AutoModel.register(ImageBindVisionConfig, ImageBindVisionModel, exist_ok=True)
+AutoImageProcessor.register(ImageBindVisionConfig, slow_image_processor_class=ImageBindProcessor, exist_ok=True)
 
 __all__ = [
     "DownloadError",
@@ -42,6 +45,7 @@ __all__ = [
     "ImageBindVisionModelOutput",
     "ImageBindVisionPreTrainedModel",
     "MediaLoadError",
+    "check_media_file",
     "clip_frame_indices",
     "clip_timepoints",
     "convert_imagebind_checkpoint",

@@ -183,7 +183,7 @@ def _read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     if not path.is_file():
         raise FileNotFoundError(
             f"ImageBind checkpoint {str(path)!r} not found; download it with "
-            "`python scripts/download_imagebind_checkpoint.py --output imagebind_huge.pth`."
+            "`mm-llama download-imagebind --output imagebind_huge.pth`."
         )
     try:
         # mmap keeps the 4.5 GB all-modality file out of RAM; only vision tensors get touched.
@@ -191,7 +191,7 @@ def _read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     except Exception as err:
         raise ValueError(
             f"Could not read {str(path)!r} as a PyTorch checkpoint ({err}); a partial download can be resumed with "
-            "scripts/download_imagebind_checkpoint.py."
+            "mm-llama download-imagebind."
         ) from err
     if not isinstance(state_dict, dict):
         raise ValueError(f"{str(path)!r} holds a {type(state_dict).__name__}, not a flat state dict.")

@@ -12,7 +12,7 @@ IMAGEBIND_HUGE_URL = "https://dl.fbaipublicfiles.com/imagebind/imagebind_huge.pt
 _CHUNK = 1 << 20
 
 
-class DownloadError(RuntimeError):
+class DownloadError(OSError):
     """The checkpoint could not be fetched (offline, HTTP error, size mismatch); the message says what to do."""
 
 

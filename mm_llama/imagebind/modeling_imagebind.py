@@ -29,6 +29,9 @@ from transformers.utils import ModelOutput
 
 from .configuration_imagebind import ImageBindVisionConfig
 
+# `media_type_ids` values, as MMLlamaProcessor writes them.
+IMAGE_TYPE_ID, VIDEO_TYPE_ID = 0, 1
+
 
 @dataclass
 class ImageBindVisionModelOutput(ModelOutput):
@@ -242,6 +245,41 @@ class ImageBindVisionModel(ImageBindVisionPreTrainedModel):
             raise ValueError(f"embed_images expects [B, 3, H, W], got shape {tuple(pixel_values.shape)}.")
         return self(pixel_values, return_dict=True).embeds
 
+    def embed_media(
+        self,
+        pixel_values: torch.Tensor | None = None,
+        video_pixel_values: torch.Tensor | None = None,
+        media_type_ids: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """The one embedding entry point (dataset building, chat, the MM-LLaMA model's pixel path): images and/or
+        videos as `ImageBindProcessor` returns them -> embeddings `[num_media, projection_dim]` in media order.
+
+        Args:
+            pixel_values: `[num_images, 3, S, S]` images.
+            video_pixel_values: `[num_videos, V, 3, T, S, S]` videos.
+            media_type_ids: `[num_images + num_videos]` with IMAGE_TYPE_ID (0) / VIDEO_TYPE_ID (1) in media order;
+                needed only when both kinds are given (otherwise the order is the given one).
+        """
+        image_embeds = self.embed_images(pixel_values) if pixel_values is not None else None
+        video_embeds = self.embed_videos(video_pixel_values) if video_pixel_values is not None else None
+        if image_embeds is None or video_embeds is None:
+            if image_embeds is None and video_embeds is None:
+                raise ValueError("embed_media needs pixel_values, video_pixel_values or both.")
+            return image_embeds if video_embeds is None else video_embeds
+        if media_type_ids is None:
+            raise ValueError("Both images and videos were given: pass media_type_ids to say their order.")
+        media_type_ids = media_type_ids.to(image_embeds.device)
+        counts = (int((media_type_ids == IMAGE_TYPE_ID).sum()), int((media_type_ids == VIDEO_TYPE_ID).sum()))
+        if counts != (len(image_embeds), len(video_embeds)):
+            raise ValueError(
+                f"media_type_ids lists {counts[0]} images and {counts[1]} videos, but {len(image_embeds)} images and "
+                f"{len(video_embeds)} videos were given."
+            )
+        embeds = image_embeds.new_empty(len(media_type_ids), image_embeds.shape[-1])
+        embeds[media_type_ids == IMAGE_TYPE_ID] = image_embeds
+        embeds[media_type_ids == VIDEO_TYPE_ID] = video_embeds.to(image_embeds.dtype)
+        return embeds
+
     def embed_videos(self, video_pixel_values: torch.Tensor) -> torch.Tensor:
         """`[B, V, 3, T, S, S]` video views (`ImageBindProcessor(videos=...)`) -> mean view embedding `[B, P]`."""
         if video_pixel_values.ndim != 6:
@@ -249,4 +287,4 @@ class ImageBindVisionModel(ImageBindVisionPreTrainedModel):
         return self(video_pixel_values, return_dict=True).embeds
 
 
-__all__ = ["ImageBindVisionModel", "ImageBindVisionModelOutput", "ImageBindVisionPreTrainedModel"]
+__all__ = ["IMAGE_TYPE_ID", "VIDEO_TYPE_ID", "ImageBindVisionModel", "ImageBindVisionModelOutput", "ImageBindVisionPreTrainedModel"]

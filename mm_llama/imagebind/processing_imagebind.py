@@ -29,7 +29,7 @@ import PIL.Image
 import torch
 import torch.nn.functional as F
 from transformers import BatchFeature
-from transformers.image_processing_base import ImageProcessingMixin
+from transformers.image_processing_utils import BaseImageProcessor
 
 IMAGEBIND_MEAN: tuple[float, float, float] = (0.48145466, 0.4578275, 0.40821073)
 IMAGEBIND_STD: tuple[float, float, float] = (0.26862954, 0.26130258, 0.27577711)
@@ -39,7 +39,14 @@ VideoSource = Union[str, os.PathLike, np.ndarray, torch.Tensor]
 
 
 class MediaLoadError(ValueError):
-    """An image or video file is missing, empty, unreadable or corrupt (the message names the file and why)."""
+    """A media file is missing, empty, unreadable or corrupt (the message names the file and why).
+
+    `problem` is "missing", "empty" or "corrupt", so that a dataset build can count skipped records by reason.
+    """
+
+    def __init__(self, message: str, problem: str = "corrupt"):
+        super().__init__(message)
+        self.problem = problem
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -156,14 +163,19 @@ def clip_frame_indices(
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def _check_file(path: Path, kind: str) -> None:
-    """Raises `MediaLoadError` for a path that cannot hold media at all (missing, a directory, zero bytes)."""
+def check_media_file(path: str | os.PathLike, kind: str) -> Path:
+    """The one existence check of every media input (datasets, chat, evaluation): raises `MediaLoadError` for a path
+    that cannot hold media at all (missing, a directory, zero bytes) naming it and the fix; returns it as a Path."""
+    path = Path(path)
     if not path.exists():
-        raise MediaLoadError(f"{kind} file {str(path)!r} does not exist; check the path (relative to {os.getcwd()!r}).")
+        raise MediaLoadError(f"{kind} file {str(path)!r} does not exist; check the path (relative to {os.getcwd()!r}).",
+                             problem="missing")
     if path.is_dir():
-        raise MediaLoadError(f"{kind} path {str(path)!r} is a directory, not a file.")
+        raise MediaLoadError(f"{kind} path {str(path)!r} is a directory, not a file.", problem="missing")
     if path.stat().st_size == 0:
-        raise MediaLoadError(f"{kind} file {str(path)!r} is empty (0 bytes); re-download or re-extract it.")
+        raise MediaLoadError(f"{kind} file {str(path)!r} is empty (0 bytes); re-download or re-extract it.",
+                             problem="empty")
+    return path
 
 
 def _array_to_pil(array: np.ndarray, what: str) -> PIL.Image.Image:
@@ -205,8 +217,7 @@ def open_image(source: ImageSource) -> PIL.Image.Image:
         raise TypeError(
             f"Unsupported image source type {type(source).__name__}; pass a path, PIL image, array or tensor."
         )
-    path = Path(source)
-    _check_file(path, "Image")
+    path = check_media_file(source, "Image")
     try:
         with PIL.Image.open(path) as image:
             image.load()  # decode now, so a truncated file fails here and not later
@@ -283,7 +294,7 @@ class _FrameSource:
     def _open_file(self, path: Path) -> None:
         import decord  # imported lazily: only video files need it
 
-        _check_file(path, "Video")
+        check_media_file(path, "Video")
         self.name = repr(str(path))
         try:
             # As pytorchvideo's decord backend: native resolution, CPU.
@@ -381,8 +392,11 @@ class ImageBindProcessorKwargs(TypedDict, total=False):
     image_std: list[float]
 
 
-class ImageBindProcessor(ImageProcessingMixin):
+class ImageBindProcessor(BaseImageProcessor):
     """Batches images and videos for [`ImageBindVisionModel`]; saved as `preprocessor_config.json`.
+
+    A `BaseImageProcessor` (so that `AutoImageProcessor` and `MMLlamaProcessor` load it) with its own pipeline: Meta's
+    transforms, which none of transformers' backends reproduce exactly.
 
     `processor(images=[...], videos=[...])` returns a `BatchFeature` with `pixel_values` `[N, 3, S, S]` and
     `video_pixel_values` `[M, num_clips * num_crops, 3, frames_per_clip, S, S]` (`[M, 15, 3, 2, 224, 224]` by
@@ -477,6 +491,7 @@ __all__ = [
     "ImageBindProcessor",
     "MediaLoadError",
     "center_crop_offset",
+    "check_media_file",
     "clip_frame_indices",
     "clip_timepoints",
     "crop_offsets",

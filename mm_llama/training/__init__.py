@@ -3,7 +3,7 @@
 from .arguments import DataArguments, LoraArguments, MMLlamaTrainingArguments, ModelArguments, parse_args
 from .data import prepare_datasets
 from .run import build_trainer, train
-from .setup import freeze_for_stage1, load_stage_model, lora_config, optimizer_param_groups, quantization_config
+from .setup import freeze_for_stage1, load_stage_model, optimizer_param_groups
 from .trainer import TRAINABLE_WEIGHTS_NAME, MMLlamaTrainer
 
 __all__ = [
@@ -16,10 +16,8 @@ __all__ = [
     "build_trainer",
     "freeze_for_stage1",
     "load_stage_model",
-    "lora_config",
     "optimizer_param_groups",
     "parse_args",
     "prepare_datasets",
-    "quantization_config",
     "train",
 ]

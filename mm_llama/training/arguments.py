@@ -6,6 +6,7 @@ A recipe is a YAML file whose keys are the fields of `ModelArguments`, `DataArgu
 
 from __future__ import annotations
 
+import difflib
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Literal, Sequence
@@ -166,9 +167,31 @@ ARGUMENT_CLASSES = (ModelArguments, DataArguments, LoraArguments, MMLlamaTrainin
 RESUME_LATEST = ("true", "latest", "last")
 
 
-def _field_names(parser: HfArgumentParser) -> set[str]:
-    """Every argument destination the parser knows (dataclass fields and their `no_*` complements)."""
-    return {action.dest for action in parser._actions} | {f.name for cls in ARGUMENT_CLASSES for f in fields(cls)}
+class UnknownKeyError(ValueError):
+    """A recipe key or `--key` flag that is no argument; the message is one line with a did-you-mean suggestion."""
+
+
+def recipe_parser() -> HfArgumentParser:
+    """The parser of every recipe key (ModelArguments, DataArguments, LoraArguments, TrainingArguments)."""
+    return HfArgumentParser(ARGUMENT_CLASSES)
+
+
+def _key_names(parser: HfArgumentParser) -> set[str]:
+    """Every key the parser knows: dataclass fields, their `no_*` complements and flag aliases (without dashes)."""
+    names = {f.name for cls in ARGUMENT_CLASSES for f in fields(cls)}
+    for action in parser._actions:
+        names.add(action.dest)
+        names.update(option.lstrip("-") for option in action.option_strings if option.startswith("--"))
+    return names
+
+
+def _check_keys(keys: Sequence[str], known: set[str], where: str) -> None:
+    """Raises UnknownKeyError for the first unknown key, suggesting the closest known one."""
+    for key in keys:
+        if key not in known:
+            close = difflib.get_close_matches(key, known, n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else " (mm-llama train --help-keys lists every key)"
+            raise UnknownKeyError(f"{where}unknown key {key!r}{hint}")
 
 
 def load_recipe(path: str | Path) -> dict:
@@ -187,29 +210,26 @@ def parse_args(
 ) -> tuple[ModelArguments, DataArguments, LoraArguments, MMLlamaTrainingArguments]:
     """Parses `[recipe.yaml] [--key value ...]` into the four argument objects.
 
-    The YAML values become the parser's defaults, so any `--key value` given after the file wins. A YAML key that
-    is not an argument is an error naming it (and the file); argparse reports unknown command-line flags.
+    The YAML values become the parser's defaults, so any `--key value` given after the file wins. A key that is not
+    an argument, in the YAML or on the command line, is an `UnknownKeyError` naming it with the closest known key.
     """
     import sys
 
     argv = list(sys.argv[1:] if argv is None else argv)
-    parser = HfArgumentParser(ARGUMENT_CLASSES)
+    parser = recipe_parser()
+    known = _key_names(parser)
+    recipe_path = None
     if argv and argv[0].endswith((".yaml", ".yml")):
         recipe_path, argv = argv[0], argv[1:]
         recipe = load_recipe(recipe_path)
-        unknown = sorted(set(recipe) - _field_names(parser))
-        if unknown:
-            raise ValueError(
-                f"{recipe_path}: unknown key(s) {unknown}. They are not fields of ModelArguments, DataArguments, "
-                "LoraArguments or TrainingArguments; fix the spelling or remove them (python scripts/train.py --help "
-                "lists every key)."
-            )
+        _check_keys(list(recipe), known, f"{recipe_path}: ")
         # argparse runs string defaults through the argument's type, so YAML's "2e-4" (a string to PyYAML) works.
         parser.set_defaults(**recipe)
         # A value in the recipe satisfies an argument that is otherwise required on the command line.
         for action in parser._actions:
             if action.dest in recipe:
                 action.required = False
+    _check_keys([token[2:].split("=", 1)[0] for token in argv if token.startswith("--")], known, "")
     model_args, data_args, lora_args, training_args = parser.parse_args_into_dataclasses(
         args=argv, look_for_args_file=False
     )
@@ -223,6 +243,8 @@ __all__ = [
     "MMLlamaTrainingArguments",
     "ARGUMENT_CLASSES",
     "RESUME_LATEST",
+    "UnknownKeyError",
     "load_recipe",
     "parse_args",
+    "recipe_parser",
 ]

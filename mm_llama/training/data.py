@@ -23,7 +23,7 @@ def load_built_dataset(path: str | Path) -> DatasetDict:
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(
-            f"Dataset folder {path} not found. Build it with scripts/build_datasets.py, or fix dataset_paths."
+            f"Dataset folder {path} not found. Build it with mm-llama build-datasets, or fix dataset_paths."
         )
     loaded = datasets.load_from_disk(str(path))
     if isinstance(loaded, Dataset):  # a single split saved on its own is used for training
@@ -33,7 +33,7 @@ def load_built_dataset(path: str | Path) -> DatasetDict:
         if missing:
             raise ValueError(
                 f"{path} split {split!r} lacks column(s) {missing}; training needs a dataset built by "
-                "scripts/build_datasets.py (id, messages, media_types, media_embeds)."
+                "mm-llama build-datasets (id, messages, media_types, media_embeds)."
             )
     return loaded
 
@@ -53,7 +53,7 @@ def check_datasets(data_args: DataArguments, evaluates: bool) -> None:
     if lacking_eval:
         raise ValueError(
             f"The recipe evaluates (eval_strategy is not 'no') but {', '.join(lacking_eval)} has no "
-            f"{data_args.eval_split!r} split. Rebuild it with scripts/build_datasets.py (its default "
+            f"{data_args.eval_split!r} split. Rebuild it with mm-llama build-datasets (its default "
             "--validation-ratio 0.05 makes one), or set eval_strategy: 'no'."
         )
 

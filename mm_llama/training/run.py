@@ -1,8 +1,9 @@
-"""A training run from parsed arguments: what `scripts/train.py` calls."""
+"""A training run from parsed arguments: what `mm-llama train` (and scripts/train.py) runs."""
 
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 from typing import Sequence
 
 from transformers import set_seed
@@ -61,6 +62,24 @@ def resume_argument(value: str | None) -> str | bool | None:
     return value
 
 
+def check_output_dir(output_dir: str | Path, resume: str | bool | None) -> None:
+    """Checks the output folder and the resume request before any model is loaded: a new run must not mix its
+    checkpoints into an earlier run's, and a resume needs a checkpoint to resume from."""
+    output = Path(output_dir)
+    if output.exists() and not output.is_dir():
+        raise ValueError(f"output_dir {output} is a file; choose a folder.")
+    checkpoints = sorted(path.name for path in output.glob("checkpoint-*")) if output.is_dir() else []
+    if resume is None and checkpoints:
+        raise ValueError(
+            f"{output} already holds checkpoints of an earlier run ({', '.join(checkpoints[-3:])}); continue it with "
+            "--resume_from_checkpoint latest, or choose another output_dir."
+        )
+    if resume is True and not checkpoints:
+        raise ValueError(f"--resume_from_checkpoint latest: {output} holds no checkpoint-* folder to resume from.")
+    if isinstance(resume, str) and not Path(resume).is_dir():
+        raise FileNotFoundError(f"Checkpoint {resume} to resume from does not exist.")
+
+
 def train(argv: Sequence[str] | None = None) -> TrainOutput:
     """Parses `[recipe.yaml] [--key value ...]`, trains, and saves the stage's final output to output_dir:
     stage 1 a full `MMLlamaForCausalLM` folder, stage 2 the PEFT adapter (LoRA + projector); both with the
@@ -68,8 +87,10 @@ def train(argv: Sequence[str] | None = None) -> TrainOutput:
     model_args, data_args, lora_args, training_args = parse_args(argv)
     logging.basicConfig(level=training_args.get_process_log_level(),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    resume = resume_argument(training_args.resume_from_checkpoint)
+    check_output_dir(training_args.output_dir, resume)
     trainer = build_trainer(model_args, data_args, lora_args, training_args)
-    result = trainer.train(resume_from_checkpoint=resume_argument(training_args.resume_from_checkpoint))
+    result = trainer.train(resume_from_checkpoint=resume)
     trainer.save_model(training_args.output_dir)
     trainer.save_state()
     trainer.log_metrics("train", result.metrics)
@@ -77,4 +98,4 @@ def train(argv: Sequence[str] | None = None) -> TrainOutput:
     return result
 
 
-__all__ = ["build_trainer", "resume_argument", "train"]
+__all__ = ["build_trainer", "check_output_dir", "resume_argument", "train"]

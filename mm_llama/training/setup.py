@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import logging
-import re
 from pathlib import Path
 from typing import Any
 
@@ -12,22 +11,13 @@ import torch
 from torch import nn
 
 from ..configuration_mm_llama import MMLlamaConfig
+from ..loading import PROJECTOR_MODULE, load_processor, lora_config, quantization_config
 from ..modeling_mm_llama import MMLlamaForCausalLM
 from ..processing_mm_llama import MMLlamaProcessor
-from ..tokenization_mm_llama import MMLlamaTokenizer
 from .arguments import LoraArguments, ModelArguments
 
 logger = logging.getLogger(__name__)
 
-PROJECTOR_MODULE = "projector"
-LANGUAGE_MODEL_PREFIX = "language_model."
-# Modules never quantized to 4 bit: the projector is trained in full, the LM head keeps output precision.
-QLORA_SKIP_MODULES = [PROJECTOR_MODULE, "lm_head", "vision_tower"]
-
-
-def torch_dtype(name: str) -> torch.dtype | str:
-    """"bfloat16" -> torch.bfloat16; "auto" stays "auto" (the checkpoint's dtype)."""
-    return name if name == "auto" else getattr(torch, name)
 
 
 def _model_type(path: str | Path) -> str | None:
@@ -35,27 +25,6 @@ def _model_type(path: str | Path) -> str | None:
     if not config_file.is_file():
         return None
     return json.loads(config_file.read_text(encoding="utf-8")).get("model_type")
-
-
-def load_processor(path: str | Path, tokens_per_media: int) -> MMLlamaProcessor:
-    """A saved `MMLlamaProcessor` (stage-1 output), or a new one over LLaMA's `tokenizer.model` in `path`."""
-    path = Path(path)
-    if (path / "processor_config.json").is_file():
-        processor = MMLlamaProcessor.from_pretrained(str(path))
-    elif (path / "tokenizer.model").is_file():
-        processor = MMLlamaProcessor(MMLlamaTokenizer(vocab_file=str(path / "tokenizer.model")),
-                                     tokens_per_media=tokens_per_media)
-    else:
-        raise FileNotFoundError(
-            f"{path} has neither a saved MMLlamaProcessor (processor_config.json) nor LLaMA's tokenizer.model; "
-            "set processor_name_or_path to a folder that has one."
-        )
-    if processor.tokens_per_media != tokens_per_media:
-        raise ValueError(
-            f"The processor in {path} inserts {processor.tokens_per_media} placeholders per media item but the "
-            f"model expects tokens_per_media={tokens_per_media}."
-        )
-    return processor
 
 
 def freeze_for_stage1(model: MMLlamaForCausalLM) -> MMLlamaForCausalLM:
@@ -72,69 +41,12 @@ def upcast_trainable(model: nn.Module) -> None:
             param.data = param.data.float()
 
 
-def lora_target_names(model: nn.Module) -> list[str]:
-    """Names of the language model's linear layers that LoRA can adapt (q_proj, ..., lm_head), sorted."""
-    return sorted({name.rsplit(".", 1)[-1] for name, module in model.named_modules()
-                   if name.startswith(LANGUAGE_MODEL_PREFIX) and isinstance(module, nn.Linear)})
-
-
-def lora_target_regex(model: nn.Module, target_modules: list[str] | tuple[str, ...]) -> str:
-    """A PEFT `target_modules` regex that adapts the language model's layers named `target_modules` (a layer name
-    such as "q_proj" or "lm_head", or a dotted suffix such as "self_attn.q_proj") and nothing in the vision tower.
-
-    Raises ValueError naming the valid layer names when a target matches no linear layer: PEFT itself would adapt
-    nothing for it, silently.
-    """
-    linear_names = [name for name, module in model.named_modules()
-                    if name.startswith(LANGUAGE_MODEL_PREFIX) and isinstance(module, nn.Linear)]
-    unknown = sorted(target for target in set(target_modules)
-                     if not any(name == LANGUAGE_MODEL_PREFIX + target or name.endswith("." + target)
-                                for name in linear_names))
-    if unknown:
-        raise ValueError(
-            f"lora_target_modules {unknown} match no linear layer of the language model; valid names: "
-            f"{lora_target_names(model)}."
-        )
-    names = "|".join(re.escape(target) for target in sorted(set(target_modules)))
-    # PEFT full-matches a string target: "language_model.lm_head" and "language_model.model.layers.0.self_attn.q_proj".
-    return rf"{re.escape(LANGUAGE_MODEL_PREFIX)}(?:.*\.)?({names})"
-
-
-def lora_config(lora_args: LoraArguments, model: nn.Module):
-    """PEFT `LoraConfig` for stage 2: adapters on the language model's `lora_target_modules` (checked against
-    `model`), the projector trained in full (`modules_to_save`)."""
-    from peft import LoraConfig
-
-    return LoraConfig(
-        r=lora_args.lora_r,
-        lora_alpha=lora_args.lora_alpha,
-        lora_dropout=lora_args.lora_dropout,
-        bias=lora_args.lora_bias,
-        target_modules=lora_target_regex(model, lora_args.lora_target_modules),
-        modules_to_save=[PROJECTOR_MODULE],
-        task_type="CAUSAL_LM",
-    )
-
-
 def set_projector_dropout(model: MMLlamaForCausalLM, probability: float | None) -> None:
     """Sets the projector's output dropout (and the config that is saved with it); None leaves it as loaded."""
     if probability is None:
         return
     model.config.projector_dropout = probability
     model.projector.dropout.p = probability
-
-
-def quantization_config(model_args: ModelArguments):
-    """bitsandbytes 4-bit config of QLoRA (nf4 + double quant by default); projector and LM head stay unquantized."""
-    from transformers import BitsAndBytesConfig
-
-    return BitsAndBytesConfig(
-        load_in_4bit=True,
-        bnb_4bit_quant_type=model_args.bnb_4bit_quant_type,
-        bnb_4bit_use_double_quant=model_args.bnb_4bit_use_double_quant,
-        bnb_4bit_compute_dtype=torch_dtype(model_args.bnb_4bit_compute_dtype),
-        llm_int8_skip_modules=QLORA_SKIP_MODULES,
-    )
 
 
 def load_stage_model(
@@ -156,7 +68,7 @@ def load_stage_model(
     path = model_args.model_name_or_path
     if not Path(path).exists():
         raise FileNotFoundError(f"model_name_or_path {path} does not exist; pass a local model folder.")
-    dtype = torch_dtype(model_args.dtype)
+    dtype = model_args.dtype  # a name ("bfloat16", "auto"): from_pretrained takes it as is
     is_mm_llama = _model_type(path) == MMLlamaConfig.model_type
 
     if model_args.stage == 1:
@@ -196,7 +108,9 @@ def load_stage_model(
 
         load_kwargs: dict[str, Any] = {"dtype": dtype, "attn_implementation": model_args.attn_implementation}
         if model_args.load_in_4bit:
-            load_kwargs["quantization_config"] = quantization_config(model_args)
+            load_kwargs["quantization_config"] = quantization_config(
+                compute_dtype=model_args.bnb_4bit_compute_dtype, quant_type=model_args.bnb_4bit_quant_type,
+                double_quant=model_args.bnb_4bit_use_double_quant)
         model = MMLlamaForCausalLM.from_pretrained(path, **load_kwargs)
         set_projector_dropout(model, model_args.projector_dropout)
         if model_args.load_in_4bit:
@@ -209,7 +123,9 @@ def load_stage_model(
             )
         elif gradient_checkpointing:
             model.enable_input_require_grads()
-        model = get_peft_model(model, lora_config(lora_args, model))
+        model = get_peft_model(model, lora_config(
+            model, r=lora_args.lora_r, alpha=lora_args.lora_alpha, dropout=lora_args.lora_dropout,
+            target_modules=lora_args.lora_target_modules, bias=lora_args.lora_bias))
         if model_args.upcast_trainable_params:
             upcast_trainable(model)
 
@@ -259,17 +175,10 @@ def optimizer_param_groups(
 
 
 __all__ = [
-    "QLORA_SKIP_MODULES",
     "freeze_for_stage1",
     "is_projector_parameter",
-    "load_processor",
     "load_stage_model",
-    "lora_config",
-    "lora_target_names",
-    "lora_target_regex",
     "optimizer_param_groups",
-    "quantization_config",
     "set_projector_dropout",
-    "torch_dtype",
     "upcast_trainable",
 ]

@@ -139,7 +139,7 @@ class MMLlamaTrainer(Trainer):
                                          metric_key_prefix)
         totals = self.accelerator.reduce(self._eval_sums.clone(), "sum").tolist()
         correct, answers, answer_loss, loss_sum, denominator = totals
-        self.last_eval_answer_tokens = int(answers)  # how many tokens the accuracy counted (scripts/evaluate.py)
+        self.last_eval_answer_tokens = int(answers)  # how many tokens the accuracy counted (mm-llama evaluate)
         output.metrics.update({f"{metric_key_prefix}_{name}": value
                                for name, value in answer_metrics(correct, answers, answer_loss).items()})
         if denominator > 0:

@@ -25,7 +25,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from mm_llama.dtypes import DTYPES
+from mm_llama.cli import DTYPE_CHOICES
+from mm_llama.loading import resolve_dtype
 from mm_llama.imagebind import ImageBindVisionConfig, ImageBindVisionModel, load_image, load_video
 
 
@@ -111,7 +112,7 @@ def benchmark_encoder(args: argparse.Namespace, device: torch.device) -> None:
     print(f"encoder: preset {args.preset} ({params:.1f}M parameters), image_size {args.image_size}, device {device}")
     print(f"{'dtype':>9} {'attn':>6} {'batch':>5} {'images/s':>10} {'videos/s':>10}")
     for dtype_name in args.dtypes:
-        model = base.to(device=device, dtype=DTYPES[dtype_name])
+        model = base.to(device=device, dtype=resolve_dtype(dtype_name, device))
         for attn in args.attn:
             model.set_attn_implementation(attn)
             for batch in args.batch_sizes:
@@ -130,7 +131,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--preset", choices=["tiny", "huge"], default="tiny")
     parser.add_argument("--image_size", type=int, default=224)
     parser.add_argument("--batch_sizes", type=int, nargs="+", default=[1, 8])
-    parser.add_argument("--dtypes", nargs="+", choices=sorted(DTYPES), default=["float32", "bfloat16"])
+    parser.add_argument("--dtypes", nargs="+", choices=DTYPE_CHOICES, default=["float32", "bfloat16"])
     parser.add_argument("--attn", nargs="+", choices=["sdpa", "eager"], default=["sdpa", "eager"])
     parser.add_argument("--iters", type=int, default=5, help="Timed runs per setting (the best is reported).")
     parser.add_argument("--warmup", type=int, default=2)

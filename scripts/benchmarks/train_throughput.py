@@ -22,7 +22,7 @@ from transformers import PrinterCallback
 
 from mm_llama.data.collator import MMLlamaDataCollator
 from mm_llama.training import build_trainer, parse_args
-from mm_llama.training.benchmark import (
+from training_setup import (  # beside this script
     estimate_qlora_stage2_memory_gib,
     measure_steps,
     padding_waste,

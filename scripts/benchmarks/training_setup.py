@@ -1,4 +1,5 @@
-"""Training-throughput measurements (`scripts/benchmarks/train_throughput.py`) and a QLoRA memory calculation."""
+"""Helpers of `train_throughput.py` (beside it): a synthetic training set-up, step timing, padding waste, and a
+QLoRA memory calculation. Benchmark code, kept out of the library."""
 
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ import numpy as np
 import torch
 from transformers import TrainerCallback
 
-from ..data.collator import MMLlamaDataCollator
+from mm_llama.data.collator import MMLlamaDataCollator
 
 _WORDS = ("the a red blue green yellow circle square triangle moves left right over under quickly slowly image video "
           "shows describe what which colour shape many how there is are small large bright dark person dog cat car "
@@ -32,7 +33,7 @@ def synthetic_setup(folder: Path, num_rows: int = 256, media_dim: int = 1024, hi
     from datasets import Dataset, DatasetDict
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from ..data import dataset_features
+    from mm_llama.data import dataset_features
 
     rng = random.Random(seed)
     sentence = lambda n: " ".join(rng.choice(_WORDS) for _ in range(n)).capitalize() + "."  # noqa: E731

@@ -1,0 +1,144 @@
+"""The package as a package: every module imports on its own, no import cycle, no module reaches into the repository,
+and a non-editable install into a fresh virtual environment runs `mm-llama` outside the repository."""
+
+from __future__ import annotations
+
+import ast
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+PACKAGE = REPO / "mm_llama"
+
+
+def module_names() -> list[str]:
+    names = []
+    for path in sorted(PACKAGE.rglob("*.py")):
+        parts = path.relative_to(REPO).with_suffix("").parts
+        names.append(".".join(parts[:-1] if parts[-1] == "__init__" else parts))
+    return names
+
+
+def test_every_module_imports_on_its_own():
+    """Each module is imported in a clean `mm_llama` state (every mm_llama module dropped from sys.modules first), so
+    a module that only works when another was imported before it fails here."""
+    script = textwrap.dedent(f"""
+        import importlib, sys
+        failures = []
+        for name in {module_names()!r}:
+            for loaded in [m for m in sys.modules if m == "mm_llama" or m.startswith("mm_llama.")]:
+                del sys.modules[loaded]
+            try:
+                importlib.import_module(name)
+            except Exception as error:
+                failures.append(f"{{name}}: {{type(error).__name__}}: {{error}}")
+        print("\\n".join(failures) or "ALL_OK")
+    """)
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300, cwd=REPO,
+                            env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert result.stdout.strip().endswith("ALL_OK"), result.stdout[-3000:] + result.stderr[-3000:]
+
+
+def imports_of(path: Path, module: str) -> set[str]:
+    """The mm_llama modules that `module` imports anywhere: at module level and inside functions (a lazy import
+    only hides a cycle from the interpreter, not from the reader)."""
+    package = module if path.name == "__init__.py" else module.rsplit(".", 1)[0]
+    imported = set()
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.Import):
+            imported.update(alias.name for alias in node.names if alias.name.startswith("mm_llama"))
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = package.split(".")
+                base = base[: len(base) - node.level + 1]
+                target = ".".join(base + ([node.module] if node.module else []))
+            else:
+                target = node.module or ""
+            if target.startswith("mm_llama"):
+                # `from . import x` / `from .pkg import name`: name may be a submodule or an attribute.
+                for alias in node.names:
+                    candidate = f"{target}.{alias.name}"
+                    imported.add(candidate if (PACKAGE.parent / candidate.replace(".", "/")).with_suffix(".py").exists()
+                                 or (PACKAGE.parent / candidate.replace(".", "/")).is_dir() else target)
+    return imported
+
+
+def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
+    """A cycle in a directed graph as a list of nodes, or None."""
+    state: dict[str, int] = {}  # 1: on the stack, 2: done
+    stack: list[str] = []
+
+    def visit(node: str) -> list[str] | None:
+        state[node] = 1
+        stack.append(node)
+        for nxt in sorted(graph.get(node, ())):
+            if state.get(nxt) == 1:
+                return stack[stack.index(nxt):] + [nxt]
+            if nxt not in state and (cycle := visit(nxt)):
+                return cycle
+        state[node] = 2
+        stack.pop()
+        return None
+
+    for node in sorted(graph):
+        if node not in state and (cycle := visit(node)):
+            return cycle
+    return None
+
+
+def test_find_cycle_finds_one():
+    assert find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
+    assert find_cycle({"a": {"b"}, "b": {"c"}, "c": set()}) is None
+
+
+def test_no_import_cycle_in_the_package():
+    graph = {}
+    for path in sorted(PACKAGE.rglob("*.py")):
+        parts = path.relative_to(REPO).with_suffix("").parts
+        module = ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+        # A module's package __init__ runs first anyway; importing the parent package is not an edge of a cycle.
+        graph[module] = {target for target in imports_of(path, module)
+                         if not module.startswith(target + ".") and target != module}
+    assert find_cycle(graph) is None, f"import cycle: {' -> '.join(find_cycle(graph))}"
+
+
+def test_the_library_never_reaches_into_the_repository():
+    for path in PACKAGE.rglob("*.py"):
+        text = path.read_text(encoding="utf-8")
+        assert "runpy" not in text and "REPO_ROOT" not in text, path
+
+
+@pytest.mark.slow
+def test_non_editable_install_runs_the_commands_outside_the_repository(tmp_path):
+    """`pip install .` (not editable) into a fresh venv with the CPU torch wheel, then `mm-llama` from another folder:
+    --help, and the demo at its tiny size for 2 steps (its recipes come from the installed package)."""
+    venv = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=300)
+    python = venv / "bin" / "python"
+    pip = [str(python), "-m", "pip", "install", "--quiet", "--disable-pip-version-check"]
+    subprocess.run(pip + ["torch==2.13.0"], check=True, timeout=900)
+    built = tmp_path / "src"  # a copy without build artefacts of the working tree
+    shutil.copytree(REPO, built, ignore=shutil.ignore_patterns(".git", "*.egg-info", "build", "__pycache__", "demo*",
+                                                                 "outputs", ".pytest_cache"))
+    subprocess.run(pip + [str(built)], check=True, timeout=1200)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    env = {key: value for key, value in os.environ.items() if key not in ("PYTHONPATH", "VIRTUAL_ENV")}
+    env["PATH"] = f"{venv / 'bin'}{os.pathsep}{env.get('PATH', '')}"
+    location = subprocess.run([str(python), "-c", "import mm_llama; print(mm_llama.__file__)"], cwd=elsewhere,
+                              env=env, capture_output=True, text=True, timeout=300, check=True).stdout
+    assert str(venv) in location and str(REPO) not in location  # the installed copy, not the checkout
+    help_text = subprocess.run([str(venv / "bin" / "mm-llama"), "--help"], cwd=elsewhere, env=env,
+                               capture_output=True, text=True, timeout=120, check=True).stdout
+    assert "demo" in help_text
+    demo = subprocess.run([str(venv / "bin" / "mm-llama"), "demo", "--size", "tiny", "--steps", "2", "--output",
+                           "out", "--threads", "1", "--no-progress", "--device", "cpu"], cwd=elsewhere, env=env,
+                          capture_output=True, text=True, timeout=1200)
+    assert demo.returncode == 0, demo.stdout[-3000:] + demo.stderr[-3000:]
+    assert (elsewhere / "out" / "summary.json").is_file() and (elsewhere / "out" / "mm-llama-tiny").is_dir()

@@ -26,14 +26,16 @@ from mm_llama.imagebind import (
     official_audio_shapes,
     official_vision_shapes,
 )
+from mm_llama.imagebind.conversion_imagebind import infer_audio_config
 from mm_llama.imagebind.modeling_imagebind_audio import drop_path
 
 HEADS = 4
-LOG_SCALE = math.log(7.5)  # not Meta's 20, so that a model ignoring the checkpoint's buffer fails the parity test
+SCALE = 7.5  # not Meta's 20, so that a converter or model ignoring the checkpoint's scale fails the parity test
+LOG_SCALE = math.log(SCALE)
 
 
 def tiny_config(**overrides) -> ImageBindAudioConfig:
-    return ImageBindAudioConfig.from_preset("tiny", **{"projection_dim": 32, **overrides})
+    return ImageBindAudioConfig.from_preset("tiny", **{"projection_dim": 32, "logit_scale": SCALE, **overrides})
 
 
 def official_state_dict(d: int = 64, mlp: int = 256, layers: int = 2, proj: int = 32, seed: int = 0,
@@ -173,8 +175,9 @@ def test_eager_attention_also_matches_reference(official):
 
 def test_logit_scale_is_capped_at_100_as_in_meta():
     official = official_state_dict(log_scale=math.log(150.0))
-    model = ImageBindAudioModel(tiny_config()).eval()
-    model.load_state_dict(convert_imagebind_audio_state_dict(official, tiny_config()))
+    config = tiny_config(logit_scale=150.0)
+    model = ImageBindAudioModel(config).eval()
+    model.load_state_dict(convert_imagebind_audio_state_dict(official, config))
     features = torch.randn(2, 1, 128, 204)
     with torch.no_grad():
         out = model(features).embeds
@@ -183,8 +186,8 @@ def test_logit_scale_is_capped_at_100_as_in_meta():
 
 
 def test_random_init_uses_meta_fixed_scale_and_hidden_states():
-    model = ImageBindAudioModel(tiny_config(num_hidden_layers=3)).eval()
-    assert model.logit_scale.item() == pytest.approx(20.0)
+    model = ImageBindAudioModel(ImageBindAudioConfig.from_preset("tiny", num_hidden_layers=3)).eval()
+    assert model.logit_scale == 20.0
     with torch.no_grad():
         out = model(torch.randn(1, 1, 128, 204), output_hidden_states=True)
     assert len(out.hidden_states) == 4 and out.hidden_states[-1] is out.last_hidden_state
@@ -233,7 +236,7 @@ def test_audio_checkpoint_save_reload_and_auto_classes(tmp_path, official, conve
     reloaded = AutoModel.from_pretrained(tmp_path / "hf").eval()
     assert isinstance(reloaded, ImageBindAudioModel)
     assert AutoConfig.from_pretrained(tmp_path / "hf").model_type == "imagebind_audio_model"
-    assert reloaded.log_logit_scale.item() == pytest.approx(LOG_SCALE)
+    assert reloaded.config.logit_scale == pytest.approx(SCALE, rel=1e-6)
     features = torch.randn(2, 3, 1, 128, 204)
     with torch.no_grad():
         assert torch.equal(reloaded(features).embeds, converted_model(features).embeds)
@@ -326,6 +329,8 @@ def test_non_imagebind_state_dict_and_unknown_architecture_are_refused(official)
         convert_imagebind_audio_state_dict({"modality_trunks.vision.blocks.0.x": torch.zeros(1)})
     with pytest.raises(ValueError, match="pass config=ImageBindAudioConfig"):
         convert_imagebind_audio_state_dict(official)  # projection 32 matches no preset
+    with pytest.raises(ValueError, match=r"logit scale .* = 7\.5\) differs from config.logit_scale = 20"):
+        convert_imagebind_audio_state_dict(official, tiny_config(logit_scale=20.0))
 
 
 def test_huge_audio_layout_and_meta_device_load():
@@ -341,9 +346,13 @@ def test_huge_audio_layout_and_meta_device_load():
     assert shapes["modality_heads.audio.2.weight"] == (1024, 768)
 
     sd = {k: torch.empty(s, device="meta") for k, s in shapes.items()}
+    sd["modality_postprocessors.audio.1.log_logit_scale"] = torch.tensor(math.log(20.0))  # float32, as Meta's
     sd["modality_trunks.vision.blocks.0.attn.in_proj_weight"] = torch.empty(3840, 1280, device="meta")
+    inferred = infer_audio_config(sd)
+    assert inferred.hidden_size == 768 and inferred.logit_scale == pytest.approx(20.0, rel=1e-6)
     converted = convert_imagebind_audio_state_dict(sd)  # config inferred: the huge preset
     with torch.device("meta"):
         model = ImageBindAudioModel(huge)
     model.load_state_dict(converted, strict=True, assign=True)
-    assert sum(p.numel() for p in model.parameters()) + 1 == 86_235_649  # + the log_logit_scale buffer
+    # Every checkpoint number but the fixed scale is a parameter.
+    assert sum(p.numel() for p in model.parameters()) + 1 == 86_235_649

@@ -54,9 +54,10 @@ class ImageBindAudioConfig(PreTrainedConfig):
     # Stochastic depth, training only: block i drops its residual branches with p = i / (L - 1) * drop_path_rate
     # (Meta's "progressive" schedule). Inference never drops.
     drop_path_rate: float = 0.1
-    # Meta's LearnableLogitScaling(logit_scale_init=20.0, learnable=False, max_logit_scale=100): the embedding is
-    # multiplied by min(exp(log_logit_scale), max_logit_scale); the value itself is a buffer of the checkpoint.
-    logit_scale_init: float = 20.0
+    # Meta's LearnableLogitScaling(logit_scale_init=20.0, learnable=False, max_logit_scale=100): the normalised
+    # embedding is multiplied by min(logit_scale, max_logit_scale). Not learned, so it is a setting here rather than a
+    # weight (a float survives bf16 casts exactly); the converter checks it against the checkpoint's log_logit_scale.
+    logit_scale: float = 20.0
     max_logit_scale: float = 100.0
     initializer_range: float = 0.02
     initializer_factor: float = 1.0
@@ -101,8 +102,8 @@ class ImageBindAudioConfig(PreTrainedConfig):
             )
         if not 0.0 <= self.drop_path_rate < 1.0:
             raise ValueError(f"drop_path_rate must be in [0, 1), got {self.drop_path_rate}.")
-        if not self.logit_scale_init > 0:
-            raise ValueError(f"logit_scale_init must be positive, got {self.logit_scale_init}.")
+        if not self.logit_scale > 0:
+            raise ValueError(f"logit_scale must be positive, got {self.logit_scale}.")
 
 
 __all__ = ["IMAGEBIND_AUDIO_PRESETS", "ImageBindAudioConfig"]

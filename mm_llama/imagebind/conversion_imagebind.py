@@ -24,7 +24,7 @@ Audio key mapping (official -> HF):
     modality_trunks.audio.blocks.i.(other block keys)           -> as for vision (in_proj split in q/k/v)
     modality_heads.audio.0.{weight,bias}                        -> head_layernorm.*
     modality_heads.audio.2.weight                               -> audio_projection.weight            [P, D]
-    modality_postprocessors.audio.1.log_logit_scale             -> log_logit_scale                    [] (log 20)
+    modality_postprocessors.audio.1.log_logit_scale             -> config.logit_scale = exp(value)   [] (log 20)
 
 The audio trunk has no pre-transformer LayerNorm (Meta: pre_transformer_ln=False), so it has no such keys.
 Keys of modalities not being converted are ignored; every key of a converted modality must be accounted for.
@@ -32,6 +32,7 @@ Keys of modalities not being converted are ignored; every key of a converted mod
 
 from __future__ import annotations
 
+import math
 import os
 from pathlib import Path
 
@@ -146,6 +147,11 @@ def infer_vision_config(state_dict: dict[str, torch.Tensor]) -> ImageBindVisionC
     )
 
 
+def _checkpoint_logit_scale(state_dict: dict[str, torch.Tensor]) -> float:
+    """exp of the checkpoint's fixed audio log-logit-scale (20 for imagebind_huge)."""
+    return float(state_dict[_APOST + "1.log_logit_scale"].double().exp())
+
+
 def infer_audio_config(state_dict: dict[str, torch.Tensor]) -> ImageBindAudioConfig:
     """The audio preset whose shapes the checkpoint's audio keys have (the head count is not stored in the weights).
 
@@ -156,7 +162,7 @@ def infer_audio_config(state_dict: dict[str, torch.Tensor]) -> ImageBindAudioCon
         config = ImageBindAudioConfig.from_preset(name)
         expected = official_audio_shapes(config)
         if all(k in state_dict and tuple(state_dict[k].shape) == s for k, s in expected.items()):
-            return config
+            return ImageBindAudioConfig.from_preset(name, logit_scale=_checkpoint_logit_scale(state_dict))
     cls_token = state_dict.get(_APRE + "cls_token")
     width = None if cls_token is None else tuple(cls_token.shape)
     raise ValueError(
@@ -212,10 +218,10 @@ def _audio_hf_key(official: str) -> list[str]:
         _AHEAD + "0.weight": "head_layernorm.weight",
         _AHEAD + "0.bias": "head_layernorm.bias",
         _AHEAD + "2.weight": "audio_projection.weight",
-        _APOST + "1.log_logit_scale": "log_logit_scale",
+        _APOST + "1.log_logit_scale": None,  # a fixed factor: checked against config.logit_scale, not a weight
     }
     if official in renames:
-        return [renames[official]]
+        return [] if renames[official] is None else [renames[official]]
     return _block_hf_key(_ATRUNK, official)
 
 
@@ -252,6 +258,8 @@ def _check_and_map(
     for key in expected:
         targets = hf_key(key)
         tensor = state_dict[key]
+        if not targets:
+            continue
         if len(targets) == 3:
             # nn.MultiheadAttention stacks q, k, v (in that order) along dim 0.
             for target, part in zip(targets, tensor.chunk(3, dim=0)):
@@ -312,7 +320,17 @@ def convert_imagebind_audio_state_dict(
         f"hidden_size={config.hidden_size}, layers={config.num_hidden_layers}, "
         f"spectrogram={config.num_mel_bins}x{config.target_length}, projection_dim={config.projection_dim}"
     )
-    return _check_and_map(state_dict, official_audio_shapes(config), AUDIO_PREFIXES, "audio", summary, _audio_hf_key)
+    converted = _check_and_map(
+        state_dict, official_audio_shapes(config), AUDIO_PREFIXES, "audio", summary, _audio_hf_key
+    )
+    scale = _checkpoint_logit_scale(state_dict)
+    # float32 log(20) round-trips to 20 within ~1e-7; anything further off is a different model.
+    if not math.isclose(scale, config.logit_scale, rel_tol=1e-5):
+        raise ValueError(
+            f"The checkpoint's audio logit scale (exp({_APOST}1.log_logit_scale) = {scale:.6g}) differs from "
+            f"config.logit_scale = {config.logit_scale}; pass a config with logit_scale={scale:.6g}."
+        )
+    return converted
 
 
 def _read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:

@@ -7,7 +7,7 @@ Computes what Meta's `imagebind_huge` computes for the audio modality:
     -> L pre-norm transformer blocks (MHA with learned key/value bias tokens, exact GELU MLP, LayerNorm eps 1e-6)
        (no pre-trunk LayerNorm, unlike vision; stochastic depth 0 -> 0.1 across the blocks, training only)
     -> head: LayerNorm, token 0, Linear D -> projection_dim (no bias)
-    -> postprocessor: L2 normalise, multiply by min(exp(log_logit_scale), 100) = 20 (fixed, not learned)
+    -> postprocessor: L2 normalise, multiply by min(logit_scale, 100) = 20 (Meta: a fixed, not learned, buffer)
     -> for items of several clips [B, S, 1, 128, 204] (3 clips by default): mean over the S clip embeddings.
 
 So, unlike the vision embedding (unit norm per view), an audio embedding has norm 20 per clip and at most 20 after
@@ -20,7 +20,6 @@ path. Attention dispatches to SDPA or eager through `config._attn_implementation
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -199,8 +198,6 @@ class ImageBindAudioPreTrainedModel(PreTrainedModel):
             # nn.MultiheadAttention initialises its key/value bias tokens with xavier_normal_.
             init.xavier_normal_(module.bias_k)
             init.xavier_normal_(module.bias_v)
-        elif isinstance(module, ImageBindAudioModel):
-            init.constant_(module.log_logit_scale, math.log(self.config.logit_scale_init))
 
 
 class ImageBindAudioModel(ImageBindAudioPreTrainedModel):
@@ -226,8 +223,6 @@ class ImageBindAudioModel(ImageBindAudioPreTrainedModel):
         self.layers = nn.ModuleList([ImageBindAudioEncoderLayer(config, rate) for rate in rates])
         self.head_layernorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         self.audio_projection = nn.Linear(config.hidden_size, config.projection_dim, bias=False)
-        # A checkpoint buffer in Meta's model (not learned); saved with the weights so the converted value travels.
-        self.register_buffer("log_logit_scale", torch.tensor(math.log(config.logit_scale_init)), persistent=True)
         self.gradient_checkpointing = False
         self.post_init()
 
@@ -236,9 +231,9 @@ class ImageBindAudioModel(ImageBindAudioPreTrainedModel):
         return self.embeddings.patch_embedding
 
     @property
-    def logit_scale(self) -> torch.Tensor:
-        """The factor applied to the normalised embedding: `min(exp(log_logit_scale), max_logit_scale)` (20)."""
-        return self.log_logit_scale.exp().clamp(max=self.config.max_logit_scale)
+    def logit_scale(self) -> float:
+        """The factor applied to the normalised embedding: `min(logit_scale, max_logit_scale)` (20 for ImageBind)."""
+        return min(self.config.logit_scale, self.config.max_logit_scale)
 
     def forward(
         self,
@@ -281,7 +276,7 @@ class ImageBindAudioModel(ImageBindAudioPreTrainedModel):
 
         # LayerNorm is per token, so normalising token 0 alone equals Meta's "LN over all tokens, then select 0".
         pooled = self.head_layernorm(hidden[:, 0])
-        embeds = F.normalize(self.audio_projection(pooled), dim=-1) * self.logit_scale.to(pooled.dtype)  # [B*, P]
+        embeds = F.normalize(self.audio_projection(pooled), dim=-1) * self.logit_scale  # [B*, P]
         if num_clips is not None:
             # Mean in fp32 so that bf16 models do not lose the mean's precision; NOT renormalised (Meta).
             embeds = embeds.float().unflatten(0, (-1, num_clips)).mean(dim=1).to(embeds.dtype)

@@ -39,7 +39,7 @@ VideoSource = Union[str, os.PathLike, np.ndarray, torch.Tensor]
 
 
 class MediaLoadError(ValueError):
-    """An image or video file is missing, empty, unreadable or corrupt (the message names the file and why)."""
+    """An image, video or audio file is missing, empty, unreadable or corrupt (the message names the file and why)."""
 
 
 # ----------------------------------------------------------------------------------------------------------------

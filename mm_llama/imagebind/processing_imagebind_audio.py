@@ -218,7 +218,10 @@ def decode_audio(path: str | os.PathLike) -> tuple[torch.Tensor, int]:
     Raises:
         MediaLoadError: missing, empty, unreadable or corrupt file, no audio stream, or no samples.
     """
-    import av  # imported lazily: only audio decoding needs it
+    try:
+        import av  # imported lazily: only audio decoding needs it
+    except ImportError as err:
+        raise ImportError("Decoding audio files needs PyAV: `pip install av` (or pass sample arrays).") from err
 
     path = Path(path)
     _check_file(path, "Audio")

@@ -39,7 +39,7 @@ VideoSource = Union[str, os.PathLike, np.ndarray, torch.Tensor]
 
 
 class MediaLoadError(ValueError):
-    """A media file is missing, empty, unreadable or corrupt (the message names the file and why).
+    """An image, video or audio file is missing, empty, unreadable or corrupt (the message names the file and why).
 
     `problem` is "missing", "empty" or "corrupt", so that a dataset build can count skipped records by reason.
     """

@@ -253,7 +253,7 @@ class MMLlamaLMM(lmms):
             text = continuation.lstrip()
             answer = self.processor.tokenizer.encode_text(text) if text else []
             spans.append((len(prompt.input_ids), len(answer)))
-            prompt.input_ids = prompt.input_ids + answer
+            prompt.input_ids = prompt.input_ids + answer  # only the ids are padded below; its labels are not used
             encoded.append(prompt)
         features = self.processor.pad(encoded, padding_side="right", with_labels=False)
         input_ids = torch.tensor(features["input_ids"])
@@ -295,7 +295,7 @@ class MMLlamaLMM(lmms):
         top_p = kwargs.pop("top_p", None)
         num_beams = int(kwargs.pop("num_beams", 1) or 1)
         if num_beams > 1:
-            self._warn_once("num_beams", f"mm_llama: num_beams={num_beams} is not supported; decoding greedily.")
+            self._warn_once("num_beams", f"mm_llama: num_beams={num_beams} is not supported; decoding without beams.")
         if kwargs:
             self._warn_once(f"ignored:{sorted(kwargs)}", f"mm_llama: ignoring generation_kwargs {sorted(kwargs)}.")
         settings = GenerationSettings(max_new_tokens=max_new_tokens, temperature=temperature,

@@ -296,6 +296,15 @@ class ImageBindAudioModel(ImageBindAudioPreTrainedModel):
             )
         return self(input_features, return_dict=True).embeds
 
+    def embed_media(self, input_features: torch.Tensor) -> torch.Tensor:
+        """The entry point MM-LLaMA uses for audio (as `ImageBindVisionModel.embed_media` for images and videos):
+        `embed_audio` divided by the fixed logit scale, i.e. the mean of unit-norm clip embeddings `[B, P]`.
+
+        Meta's audio head multiplies each normalised clip embedding by 20, its vision head does not; the projector is
+        trained on vision embeddings (means of unit vectors), so audio reaches it on that same scale.
+        """
+        return self.embed_audio(input_features) / self.logit_scale
+
 
 __all__ = [
     "ImageBindAudioModel",

@@ -135,24 +135,30 @@ def token_loss_stats(
 
 
 def _chunk_statistics(
-    logits: torch.Tensor, targets: torch.Tensor, weights: torch.Tensor | None, with_gradient: bool
+    logits: torch.Tensor, targets: torch.Tensor, weights: torch.Tensor | None, with_gradient: bool,
+    overwrite: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """Cross-entropy, argmax hit and (optionally) d(sum w*CE)/d(logits) of one chunk.
 
     Args:
         logits: [chunk, vocab] (any float dtype; the statistics are computed in float32 as the full loss does).
         targets: [chunk]; weights: [chunk] float32 or None (= 1).
+        overwrite: the float32 logits may be overwritten (their buffer becomes the gradient): saves a [chunk, vocab]
+            allocation and a pass. Only when nothing else reads them (e.g. the backward of a plain Linear, which
+            keeps its input and weight, not its output).
     Returns:
         (ce [chunk] float32, correct [chunk] bool, gradient [chunk, vocab] in the logits' dtype or None)
     """
     logits32 = logits.float()
-    predicted = logits32.argmax(dim=-1)
-    # The maximum read back at the argmax keeps log-sum-exp stable; the same pass gives the accuracy.
-    maximum = logits32.gather(1, predicted.unsqueeze(1))
-    exp = torch.sub(logits32, maximum).exp_()
-    sum_exp = exp.sum(dim=-1)
+    overwrite = overwrite or logits32 is not logits  # .float() of bf16/fp16 logits is a private copy anyway
+    # One pass gives the maximum (for a stable log-sum-exp) and the argmax (for the accuracy); max(dim) returns the
+    # first maximal index, as argmax does.
+    maximum, predicted = logits32.max(dim=-1)
     target_logits = logits32.gather(1, targets.unsqueeze(1)).squeeze(1)
-    ce = maximum.squeeze(1) + sum_exp.log() - target_logits
+    shifted = logits32.sub_(maximum.unsqueeze(1)) if overwrite else logits32 - maximum.unsqueeze(1)
+    exp = shifted.exp_()
+    sum_exp = exp.sum(dim=-1)
+    ce = maximum + sum_exp.log() - target_logits
     correct = predicted == targets
     if not with_gradient:
         return ce, correct, None
@@ -180,6 +186,8 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
         trainable = [index for index, param in enumerate(params) if grad_enabled and ctx.needs_input_grad[6 + index]]
         with_gradient = hidden_needs_grad or bool(trainable)
         num_positions = hidden.shape[0]
+        # A plain Linear's backward reads its input and weight, never its output: the logits buffer can be reused.
+        plain_linear = type(lm_head) is nn.Linear
         ce = torch.empty(num_positions, dtype=torch.float32, device=hidden.device)
         correct = torch.empty(num_positions, dtype=torch.bool, device=hidden.device)
         hidden_grad = torch.zeros_like(hidden) if hidden_needs_grad else None
@@ -190,13 +198,14 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
             chunk_weights = None if weights is None else weights[start:stop]
             if not with_gradient:
                 logits = lm_head(hidden[start:stop])
-                ce[start:stop], correct[start:stop], _ = _chunk_statistics(logits, targets[start:stop], None, False)
+                ce[start:stop], correct[start:stop], _ = _chunk_statistics(logits, targets[start:stop], None, False,
+                                                                           overwrite=True)
                 continue
             with torch.enable_grad():
                 chunk_hidden = hidden[start:stop].detach().requires_grad_(hidden_needs_grad)
                 logits = lm_head(chunk_hidden)
                 chunk_ce, chunk_correct, logits_grad = _chunk_statistics(
-                    logits.detach(), targets[start:stop], chunk_weights, True)
+                    logits.detach(), targets[start:stop], chunk_weights, True, overwrite=plain_linear)
                 inputs = ([chunk_hidden] if hidden_needs_grad else []) + [params[index] for index in trainable]
                 grads = torch.autograd.grad(logits, inputs, logits_grad, allow_unused=True)
             ce[start:stop], correct[start:stop] = chunk_ce, chunk_correct

@@ -25,6 +25,7 @@ def gpu_train():
     sys.path.remove(str(SCRIPT.parent))
 
 
+@pytest.mark.slow
 def test_tiny_run_measures_every_stage_generation_and_the_encoder(tmp_path):
     output = tmp_path / "gpu_train.json"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get(

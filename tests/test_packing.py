@@ -119,6 +119,16 @@ def test_flash_attention_kwargs_follow_position_restarts():
     assert isinstance(kwargs["max_length_q"], int)
 
 
+def test_packing_collator_collates_plain_rows_unpacked(processor):
+    collator = MMLlamaDataCollator(processor, max_seq_len=None)
+    rows = make_rows(3, seed=7)
+    batch = PackingCollator(collator)(rows)
+    expected = collator(rows)
+    assert batch.keys() == expected.keys() and "attention_mask" in batch
+    for name in expected:
+        torch.testing.assert_close(batch[name], expected[name])
+
+
 def test_packing_collator_rejects_rows_longer_than_planned(processor):
     collator = MMLlamaDataCollator(processor, max_seq_len=40)
     rows = make_rows(3, seed=5)

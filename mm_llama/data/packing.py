@@ -257,13 +257,16 @@ class PackingCollator:
             "flash_attention_2").
 
     Returns (from `__call__`): see `pack_rows`. A row whose conversations exceed `max_seq_len` after encoding (the
-    plan used other lengths) is an error naming its rows.
+    plan used other lengths) is an error naming its rows. Plain dataset rows (dicts, e.g. from an unpacked
+    evaluation split served by the same Trainer) are collated unpacked by the wrapped collator.
     """
 
     collator: Any
     flash_attention_kwargs: bool = False
 
-    def __call__(self, items: Sequence[Sequence[dict[str, Any]]]) -> dict[str, Any]:
+    def __call__(self, items: Sequence[Sequence[dict[str, Any]]] | Sequence[dict[str, Any]]) -> dict[str, Any]:
+        if items and isinstance(items[0], dict):
+            return self.collator(items)
         rows, media = [], []
         for item in items:
             encoded_row, media_row = [], []

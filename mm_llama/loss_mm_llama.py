@@ -35,8 +35,9 @@ from torch import nn
 
 logger = logging.getLogger(__name__)
 
-# Trained positions per chunk of the chunked loss. 1024 x 32000 float32 logits are 131 MB (a third of the 4096 x 32000
-# "full" logits of a batch of 8 x 512): small next to 7B activations, large enough to keep a GPU's matmuls efficient.
+# Trained positions per chunk of the chunked loss. 1024 x 32000 float32 logits are 131 MB (a quarter of the 4096 x 32000
+# logits of a fully trained batch of 8 x 512, of which the full loss holds several copies): small next to 7B
+# activations, large enough to keep a GPU's matmuls efficient ([1024, 4096] x [4096, 32000]).
 DEFAULT_LOSS_CHUNK_SIZE = 1024
 # Liger's fused loss takes one weight per class, not per token: tokens are grouped by (loss weight, is answer) and
 # each group is one fused call. MM-LLaMA's weights take two values (1 on answers, prompt_loss_weight on the prompt).
@@ -366,6 +367,9 @@ def liger_token_loss_stats(
         if group_is_answer:
             answer_loss_sum += loss.detach()
             answer_correct += (output.predicted_tokens == targets[index]).sum()
+    if not weighted_sum.requires_grad and torch.is_grad_enabled() and hidden_states.requires_grad:
+        # No weighted group (e.g. no trained position in the batch): keep the graph, as the full loss's empty sum does.
+        weighted_sum = weighted_sum + hidden_states.sum() * 0.0
     return TokenLossStats(
         weighted_loss_sum=weighted_sum,
         weight_sum=float_weights.sum(),

@@ -185,3 +185,13 @@ def test_loss_implementation_selection_off_cuda():
     assert select_loss_implementation(hidden, head, 512) == ("chunked", None)
     assert select_loss_implementation(hidden, head, 512, use_liger=False) == ("chunked", None)
     assert "CUDA" in liger_unavailable_reason(hidden, head)
+
+
+def test_liger_adapter_with_no_trained_position_keeps_the_graph():
+    head = make_head()
+    hidden = torch.zeros(0, HIDDEN, requires_grad=True)
+    stats = liger_token_loss_stats(hidden, head, torch.zeros(0, dtype=torch.long), torch.zeros(0), None,
+                                   fused_loss=reference_fused_loss)
+    assert float(stats.weighted_loss_sum.detach()) == 0 and int(stats.answer_tokens) == 0
+    stats.weighted_loss_sum.backward()  # a batch without trained tokens must not break the step
+    assert hidden.grad.shape == (0, HIDDEN)

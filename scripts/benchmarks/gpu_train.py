@@ -300,7 +300,8 @@ def stage_runs(args, device: torch.device, dtype: torch.dtype, peak: float | Non
         def qlora() -> dict[str, Any]:
             model_args = ModelArguments(stage=2, load_in_4bit=True, bnb_4bit_quant_type="nf4",
                                         bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype="bfloat16")
-            quantized = MMLlamaForCausalLM.from_pretrained(folder, dtype=torch.bfloat16, device_map={"": device},
+            target = torch.cuda.current_device() if device.type == "cuda" else "cpu"
+            quantized = MMLlamaForCausalLM.from_pretrained(folder, dtype=torch.bfloat16, device_map={"": target},
                                                            quantization_config=quantization_config(model_args))
             quantized = prepare_model_for_kbit_training(quantized, use_gradient_checkpointing=True,
                                                         gradient_checkpointing_kwargs={"use_reentrant": False})

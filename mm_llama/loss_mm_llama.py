@@ -27,8 +27,8 @@ from __future__ import annotations
 
 import inspect
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 from torch import nn
@@ -280,7 +280,9 @@ def chunked_token_loss_stats(
 
 def _liger_fused_linear_cross_entropy() -> Callable | None:
     try:
-        from liger_kernel.transformers.functional import liger_fused_linear_cross_entropy
+        from liger_kernel.transformers.functional import (
+            liger_fused_linear_cross_entropy,
+        )
     except ImportError:
         return None
     return liger_fused_linear_cross_entropy

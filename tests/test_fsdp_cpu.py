@@ -15,7 +15,6 @@ import textwrap
 from pathlib import Path
 
 import pytest
-
 from training_utils import dataset_dir, llama_dir, single_torch_thread, stage1_dir  # noqa: F401  (fixtures)
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -110,7 +109,7 @@ def test_fsdp_stage2_step_matches_one_process(stage1_dir, dataset_dir, tmp_path,
            "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--standalone", str(worker),
                str(stage1_dir), str(dataset_dir), str(FSDP_CONFIG), str(output), chunk]
-    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300, check=False)
     assert result.returncode == 0, result.stderr[-4000:]
     report = json.loads(output.read_text())
     assert report["wrapped_layers"] == 2  # both decoder layers of the tiny LLaMA became FSDP units
@@ -127,7 +126,10 @@ def test_fsdp_stage2_step_matches_one_process(stage1_dir, dataset_dir, tmp_path,
 def accelerate_environment(config_name: str) -> dict[str, str]:
     """The environment `accelerate launch --config_file recipes/accelerate_configs/<name>.yaml` gives the training
     processes, computed by accelerate's own launcher code (without launching)."""
-    from accelerate.commands.launch import _validate_launch_command, launch_command_parser
+    from accelerate.commands.launch import (
+        _validate_launch_command,
+        launch_command_parser,
+    )
     from accelerate.utils.launch import prepare_deepspeed_cmd_env, prepare_multi_gpu_env
 
     config = ROOT / "recipes" / "accelerate_configs" / f"{config_name}.yaml"

@@ -5,10 +5,16 @@ import random
 
 import pytest
 import torch
+from conftest import tiny_llama_config_kwargs
+from training_utils import MEDIA_DIM, make_rows, single_torch_thread  # noqa: F401  (fixture)
 from transformers import LlamaConfig
 
-from conftest import tiny_llama_config_kwargs
-from mm_llama import MMLlamaConfig, MMLlamaForCausalLM, MMLlamaProcessor, MMLlamaTokenizer
+from mm_llama import (
+    MMLlamaConfig,
+    MMLlamaForCausalLM,
+    MMLlamaProcessor,
+    MMLlamaTokenizer,
+)
 from mm_llama.data.collator import MMLlamaDataCollator
 from mm_llama.data.packing import (
     PackedDataset,
@@ -19,7 +25,6 @@ from mm_llama.data.packing import (
     sequence_ids,
 )
 from mm_llama.processing_mm_llama import IGNORE_INDEX
-from training_utils import MEDIA_DIM, make_rows, single_torch_thread  # noqa: F401  (fixture)
 
 
 @pytest.fixture(scope="module")

@@ -30,8 +30,9 @@ from __future__ import annotations
 
 import bisect
 import random
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Literal, Sequence
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -197,7 +198,9 @@ def flash_attention_kwargs_from_position_ids(position_ids: torch.Tensor) -> dict
     [rows, length] (every sequence, padding included, starting at position 0), computed by transformers' own
     `prepare_fa_kwargs_from_position_ids` over the flattened batch. The maxima become Python ints here so that no
     layer has to synchronise with the GPU to read them."""
-    from transformers.modeling_flash_attention_utils import prepare_fa_kwargs_from_position_ids
+    from transformers.modeling_flash_attention_utils import (
+        prepare_fa_kwargs_from_position_ids,
+    )
 
     (cu_q, cu_k), (max_q, max_k) = prepare_fa_kwargs_from_position_ids(position_ids)
     return {"cu_seq_lens_q": cu_q, "cu_seq_lens_k": cu_k, "max_length_q": int(max_q), "max_length_k": int(max_k)}
@@ -227,7 +230,7 @@ class PackedDataset(torch.utils.data.Dataset):
     def from_lengths(
         cls, dataset: Any, lengths: Sequence[int], max_seq_len: int, method: PackingMethod = "best_fit_decreasing",
         seed: int | None = 0,
-    ) -> "PackedDataset":
+    ) -> PackedDataset:
         """Plans the packs from the rows' token `lengths`; lengths above `max_seq_len` count as `max_seq_len` (the
         collator truncates those rows to it)."""
         clipped = [min(int(length), max_seq_len) for length in lengths]

@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 ACCELERATE_CONFIGS = "recipes/accelerate_configs"
 
@@ -98,12 +99,12 @@ def check_distributed_compatibility(
             "FSDP config (fsdp_activation_checkpointing: true). Keep one: remove the recipe key, or set "
             f"fsdp_activation_checkpointing: false in {ACCELERATE_CONFIGS}/fsdp.yaml."
         )
-    if data_args is not None and getattr(data_args, "packing", False):
-        if str(getattr(training_args, "train_sampling_strategy", "")) == "group_by_length":
-            raise ValueError(
-                "packing: true with train_sampling_strategy: group_by_length: packed rows all have about max_seq_len "
-                "tokens, so length grouping has nothing to group. Set train_sampling_strategy: random."
-            )
+    packing = data_args is not None and getattr(data_args, "packing", False)
+    if packing and str(getattr(training_args, "train_sampling_strategy", "")) == "group_by_length":
+        raise ValueError(
+            "packing: true with train_sampling_strategy: group_by_length: packed rows all have about max_seq_len "
+            "tokens, so length grouping has nothing to group. Set train_sampling_strategy: random."
+        )
     return setup
 
 

@@ -35,11 +35,15 @@ import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from torch import nn
+
+# scripts/benchmarks/ is on sys.path when this script runs.
+from speed_helpers import fixed_shape_batch  # noqa: I001
 
 # Peak dense (no 2:4 sparsity) bf16 tensor-core TFLOPS, matched against torch.cuda.get_device_name() in this order
 # (the more specific names first: "H100 PCIe" before "H100", "A100" before "A10", "L40S" before "L4").
@@ -165,28 +169,11 @@ def media_dim_of(model: nn.Module) -> int:
 # ---------------------------------------------------------------- training
 
 
-def fixed_batch(batch_size: int, seq_len: int, vocab_size: int, dim: int, device: torch.device) -> dict:
-    """Rows of exactly `seq_len` tokens: BOS, one media placeholder, random text; the last quarter is answer, the
-    rest prompt with loss weight 0.05 (recipes/stage2.yaml), so every text position is trained."""
-    generator = torch.Generator().manual_seed(0)
-    ids = torch.randint(3, vocab_size, (batch_size, seq_len), generator=generator)
-    ids[:, 0], ids[:, 5] = 1, 0  # BOS; the media placeholder (<unk>, id 0)
-    labels = ids.clone()
-    labels[:, 0] = labels[:, 5] = -100
-    answer = torch.zeros_like(ids, dtype=torch.bool)
-    answer[:, -max(seq_len // 4, 1):] = True
-    weights = torch.where(answer, 1.0, 0.05) * (labels != -100)
-    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels, "loss_weights": weights,
-             "answer_mask": answer, "media_embeds": torch.randn(batch_size, 1, dim, generator=generator)}
-    return {name: value.to(device) for name, value in batch.items()}
-
-
 def measure_training(model: nn.Module, make_optimizer: Callable[[], torch.optim.Optimizer], shapes: list[tuple],
                      device: torch.device, steps: int, warmup: int, peak_tflops: float | None,
                      loss_chunk_size: int | None, projector_trainable: bool) -> dict[str, Any]:
     """Optimizer steps (forward with label-only logits under bf16 autocast on CUDA, backward, optimizer) at each
     (batch, seq_len): median step time, tokens/s, MFU, peak memory."""
-    from mm_llama.loss_mm_llama import token_loss_stats
     import mm_llama.modeling_mm_llama as modeling
 
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
@@ -197,7 +184,8 @@ def measure_training(model: nn.Module, make_optimizer: Callable[[], torch.optim.
     original_loss = modeling.token_loss_stats
     for batch_size, seq_len in shapes:
         def run() -> dict[str, Any]:
-            batch = fixed_batch(batch_size, seq_len, text_config.vocab_size, base.config.media_embed_dim, device)
+            batch = fixed_shape_batch(batch_size, seq_len, text_config.vocab_size, base.config.media_embed_dim,
+                                      device)
             optimizer = make_optimizer()
             model.train()
             times, record = [], {}
@@ -270,7 +258,12 @@ def stage_runs(args, device: torch.device, dtype: torch.dtype, peak: float | Non
 
     from mm_llama import MMLlamaForCausalLM
     from mm_llama.training.arguments import LoraArguments, ModelArguments
-    from mm_llama.training.setup import freeze_for_stage1, lora_config, quantization_config, upcast_trainable
+    from mm_llama.training.setup import (
+        freeze_for_stage1,
+        lora_config,
+        quantization_config,
+        upcast_trainable,
+    )
 
     shapes = [(2, 64), (1, 64)] if args.tiny else [(8, 512), (1, 512)]
     common = dict(device=device, steps=args.steps, warmup=args.warmup, peak_tflops=peak,
@@ -313,7 +306,7 @@ def stage_runs(args, device: torch.device, dtype: torch.dtype, peak: float | Non
 
         try:
             results["stage2_qlora_nf4"] = run_guarded(qlora, device)
-        except Exception as error:  # noqa: BLE001  (bitsandbytes without a 4-bit backend for this device)
+        except Exception as error:
             if device.type == "cuda":
                 raise
             results["stage2_qlora_nf4"] = {"skipped": f"{type(error).__name__}: {error}"}
@@ -333,8 +326,8 @@ def measure_generation(model: nn.Module, args, device: torch.device) -> dict[str
     results = {}
     for batch_size in args.generation_batch_sizes:
         def run() -> dict[str, Any]:
-            batch = fixed_batch(batch_size, prompt_len, model.config.text_config.vocab_size,
-                                model.config.media_embed_dim, device)
+            batch = fixed_shape_batch(batch_size, prompt_len, model.config.text_config.vocab_size,
+                                      model.config.media_embed_dim, device)
             kwargs = dict(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                           media_embeds=batch["media_embeds"].to(model.dtype), max_new_tokens=new_tokens,
                           min_new_tokens=new_tokens, do_sample=False, use_cache=True, pad_token_id=2)

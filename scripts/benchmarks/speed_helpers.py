@@ -12,12 +12,12 @@ import contextlib
 import functools
 import json
 import os
-import resource
 import statistics
 import subprocess
 import sys
 import time
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 import torch
 
@@ -25,8 +25,6 @@ import mm_llama
 import mm_llama.modeling_mm_llama as modeling
 from mm_llama.data.packing import PackedDataset, PackingCollator
 from mm_llama.loss_mm_llama import token_loss_stats
-
-_MAXRSS_UNIT = 2**30 if sys.platform == "darwin" else 2**20  # ru_maxrss: bytes on macOS, KiB on Linux
 
 
 def _sync() -> None:
@@ -172,18 +170,20 @@ def tiny_stage2_model(vocab_size: int = 32000, hidden_size: int = 256, num_layer
 
 
 def fixed_shape_batch(batch_size: int, seq_len: int, vocab_size: int, media_dim: int = 1024,
-                      prompt_loss_weight: float = 0.05, seed: int = 0) -> dict[str, torch.Tensor]:
+                      device: torch.device | str | None = None, prompt_loss_weight: float = 0.05,
+                      seed: int = 0) -> dict[str, torch.Tensor]:
     """Rows of exactly `seq_len` tokens (no padding): BOS, one media placeholder (id 0) at position 5, random text;
-    the last quarter is the answer (weight 1), the rest prompt (weight `prompt_loss_weight`), as stage 2 trains."""
+    the last quarter is the answer (weight 1), the rest prompt (weight `prompt_loss_weight`, 0.05 as
+    recipes/stage2.yaml), so every text position is trained. On `device` (default: CUDA when present)."""
     generator = torch.Generator().manual_seed(seed)
     ids = torch.randint(3, vocab_size, (batch_size, seq_len), generator=generator)
     ids[:, 0], ids[:, 5] = 1, 0
     labels = ids.clone()
     labels[:, 0] = labels[:, 5] = -100
     answer = torch.zeros_like(ids, dtype=torch.bool)
-    answer[:, -seq_len // 4:] = True
+    answer[:, -max(seq_len // 4, 1):] = True
     weights = torch.where(answer, 1.0, prompt_loss_weight) * (labels != -100)
-    device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels, "loss_weights": weights,
              "answer_mask": answer, "media_embeds": torch.randn(batch_size, 1, media_dim, generator=generator)}
     return {name: value.to(device) for name, value in batch.items()}
@@ -261,6 +261,3 @@ print(json.dumps(peak))
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, env=env)
     return json.loads(result.stdout.strip().splitlines()[-1])
 
-
-def peak_rss_gib() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / _MAXRSS_UNIT

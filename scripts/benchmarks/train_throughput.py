@@ -21,11 +21,12 @@ from pathlib import Path
 import torch
 from transformers import PrinterCallback
 
-from speed_helpers import loss_step_peak_memory, measure_trainer_steps, padding_share, stage2_step_times, use_packing
-
 from mm_llama.data.collator import MMLlamaDataCollator
 from mm_llama.training import build_trainer, parse_args
 from mm_llama.training.benchmark import estimate_qlora_stage2_memory_gib, synthetic_setup
+
+# scripts/benchmarks/ is on sys.path when this script runs.
+from speed_helpers import loss_step_peak_memory, measure_trainer_steps, padding_share, stage2_step_times, use_packing  # noqa: I001, E501
 
 
 def main() -> None:

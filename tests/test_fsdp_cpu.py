@@ -27,15 +27,12 @@ WORKER = textwrap.dedent('''
     import torch, torch.distributed as dist, yaml, datasets
     from torch.distributed.fsdp import fully_shard
 
-    import mm_llama.modeling_mm_llama as modeling
     from mm_llama.data.collator import MMLlamaDataCollator
-    from mm_llama.loss_mm_llama import token_loss_stats
     from mm_llama.training.arguments import LoraArguments, ModelArguments
     from mm_llama.training.setup import load_stage_model
 
     stage1, dataset, config_path, output, chunk = sys.argv[1:6]
     chunk = None if chunk == "none" else int(chunk)
-    modeling.token_loss_stats = lambda *args: token_loss_stats(*args, chunk_size=chunk)
     torch.set_num_threads(1)
     dist.init_process_group("gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
@@ -65,7 +62,8 @@ WORKER = textwrap.dedent('''
     result = {}
     if rank == 0:
         reference = copy.deepcopy(model)
-        loss = reference(**batch, num_items_in_batch=denominator, logits_for_labels_only=True).loss
+        loss = reference(**batch, num_items_in_batch=denominator, logits_for_labels_only=True,
+                         loss_chunk_size=chunk).loss
         loss.backward()
         result["reference_loss"] = float(loss)
         reference_grads = trainable_grads(reference)
@@ -82,7 +80,7 @@ WORKER = textwrap.dedent('''
     fully_shard(model, reshard_after_forward=reshard)
     half = {name: value[2 * rank: 2 * rank + 2] for name, value in batch.items() if name != "media_embeds"}
     half["media_embeds"] = batch["media_embeds"][2 * rank: 2 * rank + 2]  # one media item per row
-    loss = model(**half, num_items_in_batch=denominator, logits_for_labels_only=True).loss
+    loss = model(**half, num_items_in_batch=denominator, logits_for_labels_only=True, loss_chunk_size=chunk).loss
     loss.backward()
     # Each rank's loss is its share of the global sum(w * CE) / sum(w); FSDP averages gradients over ranks, so the
     # gradient of the global loss is world x the reduced one (the Trainer scales the loss likewise).

@@ -194,17 +194,16 @@ def test_attention_never_crosses_a_packed_boundary(processor, attn_implementatio
     other = logits([changed, second, third], use_cache=False)
     assert not torch.allclose(base[:size], other[:size], atol=1e-4)  # the change is visible where it belongs
     torch.testing.assert_close(base[size:], other[size:], rtol=0, atol=1e-6)
-    # Control: with a KV cache (LlamaConfig's default use_cache=True) transformers skips the packed-sequence mask
-    # and the second conversation sees the first. Packed training must call the model with use_cache=False.
-    leaky = logits([first, second, third], use_cache=None)
-    leaky_other = logits([changed, second, third], use_cache=None)
+    # Control: with a KV cache transformers skips the packed-sequence mask and the second conversation sees the first.
+    leaky = logits([first, second, third], use_cache=True)
+    leaky_other = logits([changed, second, third], use_cache=True)
     assert not torch.allclose(leaky[size:], leaky_other[size:], atol=1e-4)
+    # So a forward with labels runs without a cache unless asked (LlamaConfig's default is use_cache=True).
+    torch.testing.assert_close(logits([changed, second, third], use_cache=None), other, rtol=0, atol=0)
 
 
 def test_packed_loss_equals_unpacked_with_the_chunked_loss(processor):
     """Packing and the chunked loss together (the configuration the speed work is after)."""
-    from mm_llama import loss_mm_llama
-
     model = make_model()
     collator = MMLlamaDataCollator(processor, max_seq_len=None, prompt_loss_weight=0.05)
     rows = make_rows(6, seed=31)
@@ -213,14 +212,7 @@ def test_packed_loss_equals_unpacked_with_the_chunked_loss(processor):
     packed = PackingCollator(collator)([[rows[i] for i in pack] for pack in packs])
     unpacked = collator([rows[i] for pack in packs for i in pack])
     expected, expected_grads = loss_and_grads(model, unpacked)
-    original = loss_mm_llama.token_loss_stats
-    import mm_llama.modeling_mm_llama as modeling
-
-    modeling.token_loss_stats = lambda *args: original(*args, chunk_size=16)
-    try:
-        got, got_grads = loss_and_grads(model, {**packed, "use_cache": False})
-    finally:
-        modeling.token_loss_stats = original
+    got, got_grads = loss_and_grads(model, {**packed, "use_cache": False, "loss_chunk_size": 16})
     assert got.logits is None  # the chunked path ran
     torch.testing.assert_close(got.loss, expected.loss, rtol=1e-5, atol=1e-5)
     for name, grad in expected_grads.items():

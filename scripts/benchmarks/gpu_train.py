@@ -174,14 +174,12 @@ def measure_training(model: nn.Module, make_optimizer: Callable[[], torch.optim.
                      loss_chunk_size: int | None, projector_trainable: bool) -> dict[str, Any]:
     """Optimizer steps (forward with label-only logits under bf16 autocast on CUDA, backward, optimizer) at each
     (batch, seq_len): median step time, tokens/s, MFU, peak memory."""
-    import mm_llama.modeling_mm_llama as modeling
 
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     text_config = base.config.text_config
     autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda"
                 else contextlib.nullcontext())
     results = {}
-    original_loss = modeling.token_loss_stats
     for batch_size, seq_len in shapes:
         def run() -> dict[str, Any]:
             batch = fixed_shape_batch(batch_size, seq_len, text_config.vocab_size, base.config.media_embed_dim,
@@ -194,7 +192,7 @@ def measure_training(model: nn.Module, make_optimizer: Callable[[], torch.optim.
                     synchronize(device)
                     start = time.perf_counter()
                     with autocast:
-                        loss = model(**batch, logits_for_labels_only=True).loss
+                        loss = model(**batch, logits_for_labels_only=True, loss_chunk_size=loss_chunk_size).loss
                     loss.backward()
                     optimizer.step()
                     optimizer.zero_grad(set_to_none=True)
@@ -215,12 +213,7 @@ def measure_training(model: nn.Module, make_optimizer: Callable[[], torch.optim.
                 record["mfu"] = flops / seconds / (peak_tflops * 1e12)
             return record
 
-        modeling.token_loss_stats = (original_loss if loss_chunk_size is None else
-                                     lambda *args, **kwargs: original_loss(*args, chunk_size=loss_chunk_size))
-        try:
-            results[f"{batch_size}x{seq_len}"] = run_guarded(run, device)
-        finally:
-            modeling.token_loss_stats = original_loss
+        results[f"{batch_size}x{seq_len}"] = run_guarded(run, device)
         free_memory(device)
     return results
 
@@ -257,13 +250,8 @@ def stage_runs(args, device: torch.device, dtype: torch.dtype, peak: float | Non
     from peft import get_peft_model, prepare_model_for_kbit_training
 
     from mm_llama import MMLlamaForCausalLM
-    from mm_llama.training.arguments import LoraArguments, ModelArguments
-    from mm_llama.training.setup import (
-        freeze_for_stage1,
-        lora_config,
-        quantization_config,
-        upcast_trainable,
-    )
+    from mm_llama.loading import lora_config, quantization_config
+    from mm_llama.training.setup import freeze_for_stage1, upcast_trainable
 
     shapes = [(2, 64), (1, 64)] if args.tiny else [(8, 512), (1, 512)]
     common = dict(device=device, steps=args.steps, warmup=args.warmup, peak_tflops=peak,
@@ -282,7 +270,7 @@ def stage_runs(args, device: torch.device, dtype: torch.dtype, peak: float | Non
         results["generation"] = measure_generation(model, args, device)
     if "lora" in args.stages:
         model.requires_grad_(False)
-        model = get_peft_model(model, lora_config(LoraArguments(lora_r=64, lora_alpha=16, lora_dropout=0.05)))
+        model = get_peft_model(model, lora_config(model, r=64, alpha=16, dropout=0.05))  # our recipes' LoRA
         upcast_trainable(model)
         results["stage2_lora"] = measure_training(model, adamw(model, device), shapes, projector_trainable=True,
                                                   **common)
@@ -291,15 +279,12 @@ def stage_runs(args, device: torch.device, dtype: torch.dtype, peak: float | Non
 
     if "qlora" in args.stages:
         def qlora() -> dict[str, Any]:
-            model_args = ModelArguments(stage=2, load_in_4bit=True, bnb_4bit_quant_type="nf4",
-                                        bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype="bfloat16")
             target = torch.cuda.current_device() if device.type == "cuda" else "cpu"
             quantized = MMLlamaForCausalLM.from_pretrained(folder, dtype=torch.bfloat16, device_map={"": target},
-                                                           quantization_config=quantization_config(model_args))
+                                                           quantization_config=quantization_config("bfloat16"))
             quantized = prepare_model_for_kbit_training(quantized, use_gradient_checkpointing=True,
                                                         gradient_checkpointing_kwargs={"use_reentrant": False})
-            quantized = get_peft_model(quantized, lora_config(LoraArguments(lora_r=64, lora_alpha=16,
-                                                                            lora_dropout=0.05)))
+            quantized = get_peft_model(quantized, lora_config(quantized, r=64, alpha=16, dropout=0.05))
             upcast_trainable(quantized)
             return measure_training(quantized, paged_adamw(quantized, device), shapes, projector_trainable=True,
                                     **common)

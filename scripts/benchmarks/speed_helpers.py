@@ -1,59 +1,26 @@
 """Helpers of `train_throughput.py` for the speed work (issue 16): packed training runs, a fixed-shape stage-2 step
 with the full vs the chunked loss, and the loss step's peak memory.
-
-Phase-1 stand-ins, until the library selects them itself (DataArguments.packing, a loss_chunk_size option):
-`use_packing` swaps a built trainer's dataset/collator for the packed ones, and `loss_chunk_size` patches the
-model module's `token_loss_stats` for the duration of a measurement.
 """
 
 from __future__ import annotations
 
 import contextlib
-import functools
 import json
 import os
 import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from typing import Any
 
 import torch
 
 import mm_llama
-import mm_llama.modeling_mm_llama as modeling
-from mm_llama.data.packing import PackedDataset, PackingCollator
-from mm_llama.loss_mm_llama import token_loss_stats
 
 
 def _sync() -> None:
     if torch.cuda.is_available():
         torch.cuda.synchronize()
-
-
-@contextlib.contextmanager
-def loss_chunk_size(chunk_size: int | None) -> Iterator[None]:
-    """Makes MMLlamaForCausalLM use `token_loss_stats(..., chunk_size=chunk_size)` inside the block."""
-    original = modeling.token_loss_stats
-    modeling.token_loss_stats = functools.partial(token_loss_stats, chunk_size=chunk_size)
-    try:
-        yield
-    finally:
-        modeling.token_loss_stats = original
-
-
-def use_packing(trainer, max_seq_len: int, length_column: str = "length") -> PackedDataset:
-    """Replaces the trainer's train dataset by best-fit-decreasing packs of its rows (planned from the dataset's
-    length column) and its collator by a `PackingCollator`; the model then runs without a KV cache, which the
-    packed-sequence attention mask needs. Returns the packed dataset."""
-    dataset = trainer.train_dataset
-    packed = PackedDataset.from_lengths(dataset, dataset[length_column], max_seq_len, seed=trainer.args.seed)
-    trainer.train_dataset = packed
-    trainer.data_collator = PackingCollator(trainer.data_collator)
-    model = trainer.model.get_base_model() if hasattr(trainer.model, "get_base_model") else trainer.model
-    model.language_model.config.use_cache = False
-    return packed
 
 
 def real_tokens(batch: dict[str, Any], items: list | None = None, max_seq_len: int | None = None) -> int:
@@ -202,18 +169,17 @@ def stage2_step_times(chunk_sizes: list[int | None], steps: int, warmup: int, ba
     losses: dict[str, float] = {}
     for step in range(warmup + steps):
         for size in chunk_sizes:
-            with loss_chunk_size(size):
-                _sync()
-                start = time.perf_counter()
-                with autocast:
-                    loss = model(**batch, logits_for_labels_only=True).loss
-                loss.backward()
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-                _sync()
-                if step >= warmup:
-                    times[str(size)].append(time.perf_counter() - start)
-                losses.setdefault(str(size), float(loss.detach()))
+            _sync()
+            start = time.perf_counter()
+            with autocast:
+                loss = model(**batch, logits_for_labels_only=True, loss_chunk_size=size).loss
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            _sync()
+            if step >= warmup:
+                times[str(size)].append(time.perf_counter() - start)
+            losses.setdefault(str(size), float(loss.detach()))
     tokens = batch_size * seq_len
     return {size: {"step_seconds_median": statistics.median(values), "tokens_per_second": tokens /
                    statistics.median(values), "first_loss": losses[size]} for size, values in times.items()}

@@ -24,7 +24,7 @@ from transformers import PrinterCallback
 from mm_llama.data.collator import MMLlamaDataCollator
 from mm_llama.training import build_trainer, parse_args
 # scripts/benchmarks/ is on sys.path when this script runs: its helper modules sit beside it.
-from speed_helpers import loss_step_peak_memory, measure_trainer_steps, padding_share, stage2_step_times, use_packing
+from speed_helpers import loss_step_peak_memory, measure_trainer_steps, padding_share, stage2_step_times
 from training_setup import estimate_qlora_stage2_memory_gib, synthetic_setup
 
 
@@ -88,13 +88,14 @@ def compare_orderings(argv: list[str], scratch: Path, options) -> dict:
     results = {}
     for strategy in ("random", "group_by_length", "packing"):
         run_argv = argv + ["--output_dir", str(scratch / strategy), "--max_steps", str(options.steps + options.warmup),
-                           "--train_sampling_strategy", "random" if strategy == "packing" else strategy]
+                           "--train_sampling_strategy", "random" if strategy == "packing" else strategy,
+                           "--packing", str(strategy == "packing").lower()]
         model_args, data_args, lora_args, training_args = parse_args(run_argv)
         trainer = build_trainer(model_args, data_args, lora_args, training_args)
         trainer.remove_callback(PrinterCallback)  # keep stdout for the JSON result
         extra = {}
         if strategy == "packing":
-            packed = use_packing(trainer, data_args.max_seq_len)
+            packed = trainer.train_dataset
             extra = {"packed_rows": len(packed), "conversations": sum(len(p) for p in packed.packs),
                      "fill_ratio_of_full_rows": packed.fill_ratio(data_args.max_seq_len)}
         results[strategy] = {**padding_share(trainer, data_args.max_seq_len), **extra,

@@ -4,6 +4,9 @@
 Each command has an argument parser that imports nothing heavy, so `--help` and argument errors answer at once; torch
 and transformers are imported (and the Auto classes registered) only when the command runs. Errors that are the
 user's to fix print one `error: ...` line (exit status 2 for bad arguments or recipe keys, 1 for everything else).
+
+Why one module of ~600 lines: it is the table of every command's options and nothing else (each run function is a
+few lines that call the library), and it must import nothing heavy; splitting it would scatter that table.
 """
 
 from __future__ import annotations

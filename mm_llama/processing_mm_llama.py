@@ -6,6 +6,9 @@ Prompt format (Meta's LLaMA-2 reference `chat_completion`, plus media markers af
 
 Text is encoded with sentencepiece exactly as Meta's reference does (one `encode` per user/assistant pair, BOS/EOS
 added by id); the media placeholder is inserted by id, never parsed from text.
+
+Why one module of ~480 lines: it travels with saved checkpoints as remote code, where only flat relative imports
+are copied, so the chat template, conversation normalisation and encoding stay together in this file.
 """
 
 from __future__ import annotations

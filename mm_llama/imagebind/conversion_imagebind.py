@@ -28,6 +28,9 @@ Audio key mapping (official -> HF):
 
 The audio trunk has no pre-transformer LayerNorm (Meta: pre_transformer_ln=False), so it has no such keys.
 Keys of modalities not being converted are ignored; every key of a converted modality must be accounted for.
+
+Why one module of ~470 lines: both towers' key mappings read the same flat checkpoint and share its checks and the
+one conversion entry point (`modality` vision / audio / all).
 """
 
 from __future__ import annotations

@@ -54,7 +54,8 @@ def test_console_script():
 
 def test_argument_errors_exit_2_with_one_line(capsys):
     assert main(["chat", "model", "--image", "x.jpg"]) == 2
-    assert capsys.readouterr().err == "error: --image/--video go with --prompt (in interactive mode, use /image PATH).\n"
+    assert capsys.readouterr().err == ("error: --image/--video/--audio go with --prompt (in interactive mode, use "
+                                       "/image PATH).\n")
     with pytest.raises(SystemExit) as exit_:  # argparse's own errors: usage and one error line, status 2
         main(["merge"])
     assert exit_.value.code == 2

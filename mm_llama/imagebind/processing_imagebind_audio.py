@@ -29,7 +29,6 @@ import os
 import warnings
 from collections.abc import Sequence
 from functools import lru_cache
-from pathlib import Path
 from typing import Any, TypedDict, Union
 
 import numpy as np

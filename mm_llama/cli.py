@@ -288,7 +288,7 @@ def _web_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max_queue", type=int, default=None, help="waiting requests before new ones are refused "
                                                                     "(default: unlimited)")
     parser.add_argument("--max_media", type=int, default=1,
-                        help="images/videos per conversation (default 1, as the original MM-LLaMA's demo)")
+                        help="media files per conversation (default 1, as the original MM-LLaMA's demo)")
 
 
 def _run_web(args: argparse.Namespace) -> int:

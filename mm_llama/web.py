@@ -7,14 +7,15 @@ Design (what the peers' demos got wrong, and what this one does instead):
     session (or per API client), so concurrent users never see or corrupt each other's turns. The only object shared
     between requests is the `MediaEmbedder` cache, keyed by the uploaded file's path, which Gradio derives from the
     file's SHA-256 (same path, same bytes, same embedding).
-  - Bad input never breaks the page: a file that is not an image/video, a corrupt or empty file, an over-long prompt,
+  - Bad input never breaks the page: a file that is not media, a corrupt or empty file, an over-long prompt,
     too many media or out-of-range settings are answered in the chat by an error message (an assistant message with
     a `metadata` title, which Gradio shows as a titled box). The turn it answers is left out of later prompts, so
     the next message works.
 
-Conversation semantics are `mm_llama.chat.ChatSession`'s: one image or video per user turn, each media marker in the
-turn that brought it, earlier answers in the prompt. This module imports gradio only in `build_app`, so the chat logic
-(`WebChat`) is usable and testable without it.
+Conversation semantics are `mm_llama.chat.ChatSession`'s: one image, video or audio file per user turn (audio is
+zero-shot, through an --imagebind folder that holds the audio model), each media marker in the turn that brought it,
+earlier answers in the prompt. This module imports gradio only in `build_app`, so the chat logic (`WebChat`) is usable
+and testable without it.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from typing import Any, Iterator, Sequence
 import torch
 
 from .generation import (
+    AUDIO_SUFFIXES,
     VIDEO_SUFFIXES,
     GenerationSettings,
     MediaEmbedder,
@@ -159,7 +161,7 @@ class WebChat:
 
     Args:
         embedder: turns uploaded files into ImageBind embeddings (the model's tower or a standalone ImageBind).
-        max_media: images/videos allowed in one conversation (the original MM-LLaMA's demo: 1).
+        max_media: media files allowed in one conversation (the original MM-LLaMA's demo: 1).
         context_length: prompt + answer tokens the model can attend to (default: its max_position_embeddings).
     """
 
@@ -177,18 +179,21 @@ class WebChat:
     # -------------------------------------------------------------------------------------------------- requests
 
     def media_type(self, path: str) -> str:
-        """"image" or "video" from an uploaded file's suffix; UserInputError naming the file otherwise."""
+        """"image", "video" or "audio" from an uploaded file's suffix; UserInputError naming the file otherwise."""
         suffix = Path(path).suffix.lower()
         if suffix in VIDEO_SUFFIXES:
             return "video"
+        if suffix in AUDIO_SUFFIXES:
+            return "audio"  # zero-shot: needs an --imagebind folder holding the audio model too
         if suffix in self.image_suffixes:
             return "image"
-        raise UserInputError(f"{Path(path).name!r} is not an image or a video. Attach an image (.png, .jpg, .webp, "
-                             f"...) or a video ({', '.join(VIDEO_SUFFIXES[:4])}, ...).")
+        raise UserInputError(f"{Path(path).name!r} is not an image, a video or an audio file. Attach an image (.png, "
+                             f".jpg, .webp, ...), a video ({', '.join(VIDEO_SUFFIXES[:3])}, ...) or audio "
+                             f"({', '.join(AUDIO_SUFFIXES[:3])}, ...).")
 
     def media_part(self, path: str) -> dict:
         """An uploaded file -> an embedded content part {"type", "path", "embeds"}; UserInputError naming the file
-        (not the server's cache path) when it is not a readable image or video."""
+        (not the server's cache path) when it is not a readable image, video or audio file."""
         name = Path(path).name
         part = {"type": self.media_type(path), "path": str(path)}
         try:
@@ -203,7 +208,8 @@ class WebChat:
         """The conversation of one request: system prompt, the answered turns of `history` (media re-embedded from
         the cache), then the new message. Raises UserInputError for what the user must change."""
         if len(files) > 1:
-            raise UserInputError(f"{len(files)} files in one message; attach one image or video per message.")
+            raise UserInputError(f"{len(files)} files in one message; attach one image, video or audio file per "
+                                 "message.")
         if not text.strip() and not files:
             raise UserInputError("The message is empty; type a question.")
         if files:
@@ -214,7 +220,7 @@ class WebChat:
             raise UserInputError("This demo answers text only (it was started with --max_media 0).")
         if files and used >= self.max_media:
             raise UserInputError(
-                f"This conversation already has {used} image/video; this demo takes at most {self.max_media} per "
+                f"This conversation already has {used} media file(s); this demo takes at most {self.max_media} per "
                 "conversation. Click \"New conversation\" to ask about another file."
             )
         messages: list[dict] = [{"role": "system", "content": system_prompt}] if system_prompt else []
@@ -310,7 +316,8 @@ def build_app(chat: WebChat, *, title: str = "MM-LLaMA", system_prompt: str = ""
     import gradio as gr
 
     defaults = defaults or GenerationSettings()
-    media_rule = (f"Attach one image or video per message (paperclip button), up to {chat.max_media} per conversation."
+    media_rule = (f"Attach one image or video (or audio file) per message with the paperclip button, up to "
+                  f"{chat.max_media} per conversation."
                   if chat.max_media else "Text only.")
     with gr.Blocks(title=title, analytics_enabled=False) as app:
         settings = [  # rendered by ChatInterface, in its Settings accordion

@@ -70,6 +70,7 @@ def setup(tmp_path_factory, spm_model_path):
     (root / "corrupt.png").write_bytes(b"not an image at all")
     (root / "empty.jpg").write_bytes(b"")
     (root / "notes.txt").write_text("hello")
+    (root / "sound.wav").write_bytes(b"RIFF" + bytes(64))  # never decoded: this ImageBind folder has no audio model
     model = AutoModelForCausalLM.from_pretrained(stage1).eval()
     processor = MMLlamaProcessor.from_pretrained(stage1)
     answers = [expected_answer(model, processor, [user(QUESTION, image)], [vector])
@@ -148,7 +149,8 @@ def test_answers_equal_direct_generation_and_bad_input_is_answered_in_the_chat(s
 
     root = setup["root"]
     bad_requests = {
-        "not media": (dict(text="Hi", files=[root / "notes.txt"]), "'notes.txt' is not an image or a video"),
+        "not media": (dict(text="Hi", files=[root / "notes.txt"]), "'notes.txt' is not an image, a video or an audio"),
+        "no audio model": (dict(text="Hi", files=[root / "sound.wav"]), "'sound.wav' is raw audio, but no ImageBind"),
         "corrupt": (dict(text="Hi", files=[root / "corrupt.png"]), "'corrupt.png' is not a readable image"),
         "empty": (dict(text="Hi", files=[root / "empty.jpg"]), "'empty.jpg' is empty (0 bytes)"),
         "two files": (dict(text="Hi", files=setup["images"]), "2 files in one message"),

@@ -271,6 +271,51 @@ def _run_chat(args: argparse.Namespace) -> int:
     return 0
 
 
+def _web_parser(parser: argparse.ArgumentParser) -> None:
+    parser.epilog = (
+        "A browser chat (Gradio) in one process: the model is loaded once, answers are streamed, requests wait in a\n"
+        "queue (--concurrency at a time). Needs the web extra: pip install \"mm-llama[web]\".\n"
+        "  mm-llama web outputs/mm-llama-7b --imagebind checkpoints/imagebind_huge   # open http://127.0.0.1:7860\n"
+        "  mm-llama web outputs/mm-llama-7b --imagebind checkpoints/imagebind_huge --load_in_4bit --host 0.0.0.0"
+    )
+    _model_arguments(parser)
+    parser.add_argument("--host", default="127.0.0.1", help="address to serve on (0.0.0.0: every interface)")
+    parser.add_argument("--port", type=int, default=7860)
+    parser.add_argument("--share", action="store_true", help="also open a temporary public gradio.live link")
+    parser.add_argument("--system", default="", help="the system prompt box's initial value")
+    parser.add_argument("--temperature", type=float, default=0.6, help="initial sampling temperature; 0 = greedy")
+    parser.add_argument("--top_p", type=float, default=0.9, help="initial top-p")
+    parser.add_argument("--max_new_tokens", type=int, default=256, help="initial answer length limit")
+    parser.add_argument("--concurrency", type=int, default=1,
+                        help="generations run at the same time (default 1: one GPU); others wait in the queue")
+    parser.add_argument("--max_queue", type=int, default=None, help="waiting requests before new ones are refused "
+                                                                    "(default: unlimited)")
+    parser.add_argument("--max_media", type=int, default=1,
+                        help="media files per conversation (default 1, as the original MM-LLaMA's demo)")
+
+
+def _run_web(args: argparse.Namespace) -> int:
+    import importlib.util
+
+    if importlib.util.find_spec("gradio") is None:  # before minutes of model loading
+        raise CommandError('gradio is not installed; the web demo needs it: pip install "mm-llama[web]"')
+    if args.concurrency < 1:
+        raise CommandError(f"--concurrency must be >= 1, got {args.concurrency}", 2)
+    from .generation import GenerationSettings
+    from .web import WebChat, WebMediaEmbedder, build_app, launch
+
+    model, processor, _ = _load_for_inference(args, with_media=False)
+    embedder = WebMediaEmbedder.for_model(model, processor, imagebind=args.imagebind, device=args.device,
+                                          dtype=args.dtype)
+    chat = WebChat(model, processor, embedder, max_media=args.max_media)
+    defaults = GenerationSettings(args.max_new_tokens, args.temperature, args.top_p)
+    chat.settings(defaults.temperature, defaults.top_p, defaults.max_new_tokens)  # bad defaults fail here, not later
+    app = build_app(chat, title=f"MM-LLaMA: {Path(args.model).resolve().name}", system_prompt=args.system,
+                    defaults=defaults, concurrency_limit=args.concurrency, max_queue=args.max_queue)
+    launch(app, host=args.host, port=args.port, share=args.share)
+    return 0
+
+
 def _evaluate_parser(parser: argparse.ArgumentParser) -> None:
     parser.epilog = (
         "loss / answer-token accuracy on a built dataset's split (the training metrics, same code):\n"
@@ -524,6 +569,8 @@ COMMANDS: dict[str, Command] = {
     "build-datasets": Command("Embed the media of LLaVA / VideoChat / JSONL sources with ImageBind into Arrow "
                               "datasets (resumable).", _build_datasets_parser, _run_build_datasets),
     "chat": Command("Chat with a model: interactive, one-shot, or a batch file.", _chat_parser, _run_chat),
+    "web": Command("Browser chat demo (Gradio): one process, streamed answers, a queue for concurrent users.",
+                   _web_parser, _run_web),
     "evaluate": Command("Loss / answer-token accuracy on a dataset split, and generation QA.", _evaluate_parser,
                         _run_evaluate),
     "convert-meta": Command("Meta LLaMA-2 checkpoint (consolidated.*.pth) -> Hugging Face LLaMA folder.",

@@ -20,7 +20,7 @@ REPO = Path(__file__).resolve().parents[1]
 SCRIPTS = {"train": "train.py", "build-datasets": "build_datasets.py", "chat": "chat.py", "evaluate": "evaluate.py",
            "convert-meta": "convert_meta_checkpoint.py", "convert-imagebind": "convert_imagebind_checkpoint.py",
            "merge": "convert_lora_checkpoint.py", "download-imagebind": "download_imagebind_checkpoint.py",
-           "download-webvid": "download_webvid_dataset.py", "demo": "demo.py"}
+           "download-webvid": "download_webvid_dataset.py", "demo": "demo.py", "web": "web_demo.py"}
 
 
 def run(*command: str) -> subprocess.CompletedProcess:

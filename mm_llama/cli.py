@@ -189,7 +189,7 @@ def _model_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--base_model", help="stage-1 folder for a stage-2 adapter MODEL, if not the recorded one")
 
 
-def _load_for_inference(args: argparse.Namespace, with_media: bool = True):
+def _load_for_inference(args: argparse.Namespace, with_media: bool = True, cache_size: int | None = None):
     """(model, processor, embedder) for a command's `_model_arguments`."""
     from .generation import MediaEmbedder
     from .loading import load_model
@@ -197,7 +197,7 @@ def _load_for_inference(args: argparse.Namespace, with_media: bool = True):
     model, processor = load_model(args.model, device=args.device, dtype=args.dtype,
                                   load_in_4bit=args.load_in_4bit, base_model=args.base_model)
     embedder = MediaEmbedder.for_model(model, processor, imagebind=args.imagebind, device=args.device,
-                                       dtype=args.dtype) if with_media else None
+                                       dtype=args.dtype, cache_size=cache_size) if with_media else None
     return model, processor, embedder
 
 
@@ -302,11 +302,10 @@ def _run_web(args: argparse.Namespace) -> int:
     if args.concurrency < 1:
         raise CommandError(f"--concurrency must be >= 1, got {args.concurrency}", 2)
     from .generation import GenerationSettings
-    from .web import WebChat, WebMediaEmbedder, build_app, launch
+    from .web import WebChat, build_app, launch
 
-    model, processor, _ = _load_for_inference(args, with_media=False)
-    embedder = WebMediaEmbedder.for_model(model, processor, imagebind=args.imagebind, device=args.device,
-                                          dtype=args.dtype)
+    # A long-running server keeps the embeddings of the 4096 most recently used uploads, not of every upload.
+    model, processor, embedder = _load_for_inference(args, cache_size=4096)
     chat = WebChat(model, processor, embedder, max_media=args.max_media)
     defaults = GenerationSettings(args.max_new_tokens, args.temperature, args.top_p)
     chat.settings(defaults.temperature, defaults.top_p, defaults.max_new_tokens)  # bad defaults fail here, not later

@@ -16,6 +16,7 @@ the model always runs the same path.
 from __future__ import annotations
 
 import threading
+from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
@@ -100,13 +101,13 @@ class MediaEmbedder:
 
     Raw images/videos need an encoder (the chat model's own vision tower, or a standalone ImageBind vision model)
     and its image processor; raw audio an ImageBind audio model and its processor. Results are cached by (type,
-    path), so a media item in the chat history is embedded once. Subclasses may override `encode_raw` (e.g. to cache
-    embeddings on disk).
+    path), so a media item in the chat history is embedded once; `cache_size` bounds the cache to the most recently
+    used items (a long-running server). Subclasses may override `encode_raw` (e.g. to cache embeddings on disk).
     """
 
     def __init__(self, media_embed_dim: int, tokens_per_media: int = 1, encoder: torch.nn.Module | None = None,
                  image_processor: ImageBindProcessor | None = None, audio_encoder: torch.nn.Module | None = None,
-                 audio_processor: Any | None = None):
+                 audio_processor: Any | None = None, cache_size: int | None = None):
         for tower in (encoder, audio_encoder):
             if tower is not None and tower.config.projection_dim != media_embed_dim:
                 raise ValueError(
@@ -119,12 +120,13 @@ class MediaEmbedder:
         self.image_processor = image_processor
         self.audio_encoder = audio_encoder
         self.audio_processor = audio_processor
-        self._cache: dict[tuple[str, str], torch.Tensor] = {}
+        self._cache: OrderedDict[tuple[str, str], torch.Tensor] = OrderedDict()
+        self.cache_size = cache_size
 
     @classmethod
     def for_model(cls, model: torch.nn.Module, processor: MMLlamaProcessor,
                   imagebind: str | Path | torch.nn.Module | None = None, device: str | torch.device | None = None,
-                  dtype: str | torch.dtype | None = None) -> "MediaEmbedder":
+                  dtype: str | torch.dtype | None = None, cache_size: int | None = None) -> "MediaEmbedder":
         """The embedder for a chat model: its vision tower if it has one, else `imagebind` (an ImageBind vision
         model, or a converted ImageBind folder loaded on `device` in `dtype`), else embedding files only. Raw images
         and videos are preprocessed by the processor's `image_processor`, with the encoder's image size. An
@@ -150,7 +152,7 @@ class MediaEmbedder:
                 image_processor = ImageBindProcessor(**{**image_processor.to_dict(),
                                                         "image_size": encoder.config.image_size})
         return cls(model.config.media_embed_dim, model.config.tokens_per_media, encoder, image_processor,
-                   audio_encoder, audio_processor)
+                   audio_encoder, audio_processor, cache_size)
 
     def embed(self, media: dict) -> torch.Tensor:
         """One content part / record media item -> float32 `[tokens_per_media, media_embed_dim]`.
@@ -169,6 +171,7 @@ class MediaEmbedder:
             raise ValueError(f"A {media_type} item needs 'path' (a media or embedding file) or 'embeds': got {media}.")
         key = (media_type, str(source)) if isinstance(source, (str, Path)) else None
         if key is not None and key in self._cache:
+            self._cache.move_to_end(key)
             return self._cache[key]
         if isinstance(source, (str, Path)):
             # Checked first, so a mistyped path says so rather than "no encoder" or a decoder error.
@@ -180,6 +183,8 @@ class MediaEmbedder:
                                         self.tokens_per_media, where=f"The {media_type} {source!r}")
         if key is not None:
             self._cache[key] = embedding
+            if self.cache_size is not None and len(self._cache) > self.cache_size:
+                self._cache.popitem(last=False)  # the least recently used
         return embedding
 
     def embed_all(self, media: Sequence[dict]) -> torch.Tensor | None:

@@ -23,7 +23,6 @@ from __future__ import annotations
 import logging
 import os
 import threading
-from collections import OrderedDict
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
@@ -54,32 +53,6 @@ def image_suffixes() -> tuple[str, ...]:
     import PIL.Image
 
     return tuple(sorted(suffix for suffix, fmt in PIL.Image.registered_extensions().items() if fmt in PIL.Image.OPEN))
-
-
-class WebMediaEmbedder(MediaEmbedder):
-    """`MediaEmbedder` whose path cache keeps the `cache_size` most recently used embeddings (a long-running server
-    would otherwise keep one per upload forever)."""
-
-    def __init__(self, *args: Any, cache_size: int = 4096, **kwargs: Any):
-        super().__init__(*args, **kwargs)
-        self._cache = _LRUCache(cache_size)
-
-
-class _LRUCache(OrderedDict):
-    def __init__(self, size: int):
-        super().__init__()
-        self.size = size
-
-    def __getitem__(self, key: Any) -> Any:
-        value = super().__getitem__(key)
-        self.move_to_end(key)
-        return value
-
-    def __setitem__(self, key: Any, value: Any) -> None:
-        super().__setitem__(key, value)
-        self.move_to_end(key)
-        while len(self) > self.size:
-            self.popitem(last=False)
 
 
 class GenerationCancelled(Exception):
@@ -360,5 +333,5 @@ def launch(app: Any, host: str = "127.0.0.1", port: int = 7860, share: bool = Fa
     return app.launch(server_name=host, server_port=port, share=share, show_error=True, **kwargs)
 
 
-__all__ = ["ERROR_TITLE", "WebChat", "WebMediaEmbedder", "answered_turns", "build_app", "error_message",
+__all__ = ["ERROR_TITLE", "WebChat", "answered_turns", "build_app", "error_message",
            "image_suffixes", "is_error_message", "launch"]

@@ -29,8 +29,8 @@ import pytest
 import torch
 
 from mm_llama.cli import main as cli
-from mm_llama.generation import GenerationSettings
-from mm_llama.web import ERROR_TITLE, GenerationCancelled, WebChat, WebMediaEmbedder, answered_turns
+from mm_llama.generation import GenerationSettings, MediaEmbedder
+from mm_llama.web import ERROR_TITLE, GenerationCancelled, WebChat, answered_turns
 from test_chat_cli import MAX_NEW_TOKENS, expected_answer, user
 from test_merge import REPO_ROOT, save_stage1
 
@@ -76,7 +76,7 @@ def setup(tmp_path_factory, spm_model_path):
     answers = [expected_answer(model, processor, [user(QUESTION, image)], [vector])
                for image, vector in zip(images, vectors)]
     assert answers[0] != answers[1], "the two test images must get different answers for the tests to mean anything"
-    embedder = WebMediaEmbedder.for_model(model, processor, imagebind=root / "imagebind", device="cpu")
+    embedder = MediaEmbedder.for_model(model, processor, imagebind=root / "imagebind", device="cpu", cache_size=4096)
     return dict(root=root, stage1=stage1, images=images, vectors=vectors, model=model, processor=processor,
                 answers=answers, embedder=embedder)
 

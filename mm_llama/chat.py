@@ -24,7 +24,7 @@ from .generation import (
 from .imagebind.processing_imagebind import MediaLoadError
 from .processing_mm_llama import MMLlamaProcessor
 
-MEDIA_COMMANDS = ("/image", "/video")
+MEDIA_COMMANDS = ("/image", "/video", "/audio")
 
 
 class ChatSession:
@@ -52,14 +52,15 @@ class ChatSession:
         self.history, self.pending_media = [], None
 
     def attach(self, media_type: str, path: str | Path) -> dict:
-        """Attaches an image/video (raw file or embedding file) to the next user message; returns the content part.
+        """Attaches an image/video/audio (raw file or embedding file) to the next user message; returns the content
+        part.
 
         Raises MediaLoadError / ValueError (naming the file) when it cannot be used; the session is unchanged then.
         """
         if self.pending_media is not None:
             raise ValueError(
                 f"A {self.pending_media['type']} is already attached to the next message ({self.pending_media['path']}); "
-                "one image or video per user turn. Send a message first, or /reset."
+                "one image, video or audio per user turn. Send a message first, or /reset."
             )
         part = {"type": media_type, "path": str(path)}
         part["embeds"] = self.embedder.embed(part)
@@ -92,7 +93,8 @@ class ChatSession:
 
 
 INTERACTIVE_HELP = (
-    "Commands: /image PATH and /video PATH attach media (a raw file or an embedding file) to your next message; "
+    "Commands: /image PATH, /video PATH and /audio PATH attach media (a raw file or an embedding file; /audio also "
+    "takes a video's sound track) to your next message; "
     "a later message may bring another one; /reset clears the history; /quit exits. Anything else is your message."
 )
 
@@ -142,7 +144,7 @@ def run_interactive(session: ChatSession, lines: Iterable[str], out: TextIO, err
 def answer_batch_file(model: torch.nn.Module, processor: MMLlamaProcessor, embedder: MediaEmbedder,
                       batch_file: str | Path, out: TextIO, settings: GenerationSettings, batch_size: int = 8,
                       system: str | None = None) -> tuple[int, int]:
-    """Answers the one-shot prompts of a JSONL file (`{"prompt", "image"|"video"?, "system"?, "id"?}` per line) in
+    """Answers the one-shot prompts of a JSONL file (`{"prompt", "image"|"video"|"audio"?, "system"?, "id"?}` per line) in
     left-padded batches, writing one JSON line per input line to `out`: `{"id", "prompt", "response"}`, or
     `{"line", "id", "error"}` for a line that cannot be answered (bad JSON, no prompt, unreadable media), which
     never stops the others. Returns (answered, failed)."""
@@ -164,9 +166,10 @@ def answer_batch_file(model: torch.nn.Module, processor: MMLlamaProcessor, embed
                 raise ValueError(error)
             if not isinstance(row, dict) or not isinstance(row.get("prompt"), str):
                 raise ValueError("needs a JSON object with a string 'prompt'.")
-            if row.get("image") and row.get("video"):
-                raise ValueError("give 'image' or 'video', not both.")
-            media_type = "image" if row.get("image") else "video" if row.get("video") else None
+            given = [kind for kind in ("image", "video", "audio") if row.get(kind)]
+            if len(given) > 1:
+                raise ValueError(f"give one of 'image', 'video' or 'audio', not {' and '.join(given)}.")
+            media_type = given[0] if given else None
             media = None
             if media_type:
                 media = {"type": media_type, "path": row[media_type]}

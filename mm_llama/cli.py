@@ -4,6 +4,9 @@
 Each command has an argument parser that imports nothing heavy, so `--help` and argument errors answer at once; torch
 and transformers are imported (and the Auto classes registered) only when the command runs. Errors that are the
 user's to fix print one `error: ...` line (exit status 2 for bad arguments or recipe keys, 1 for everything else).
+
+Why one module of ~600 lines: it is the table of every command's options and nothing else (each run function is a
+few lines that call the library), and it must import nothing heavy; splitting it would scatter that table.
 """
 
 from __future__ import annotations
@@ -111,7 +114,9 @@ def _build_datasets_parser(parser: argparse.ArgumentParser) -> None:
                             "(default: whole dialogs). The original MM-LLaMA kept dialogs of up to 5 pairs whole and "
                             "only the first 3 pairs of longer ones.")
     encoder = parser.add_argument_group("encoder")
-    encoder.add_argument("--encoder", default=None, help="ImageBind vision model folder (mm-llama convert-imagebind)")
+    encoder.add_argument("--encoder", default=None,
+                         help="converted ImageBind folder (mm-llama convert-imagebind; --modality all also embeds the "
+                              "audio of `records` sources)")
     encoder.add_argument("--encoder-preset", default=None, help="random-init preset instead (e.g. tiny, for tests)")
     encoder.add_argument("--image-size", type=int, default=None, help="image size of a random-init preset")
     encoder.add_argument("--dtype", default="float32", choices=DTYPE_CHOICES)
@@ -156,11 +161,12 @@ def _run_build_datasets(args: argparse.Namespace) -> int:
         for kind, path, media_dir, name in zip(args.source, args.json, media_dirs, names)
     ]
     model = load_encoder(args.encoder, args.encoder_preset, args.image_size, seed=args.seed)
+    audio_model = load_encoder(args.encoder, args.encoder_preset, seed=args.seed, modality="audio")
     manifest = build_dataset(
         sources, model, args.output, batch_size=args.batch_size, num_workers=args.num_workers, dtype=args.dtype,
         shard_size=args.shard_size, validation_ratio=args.validation_ratio, seed=args.seed,
         overwrite=args.overwrite, keep_shards=args.keep_shards, progress=not args.no_progress,
-        device="cpu" if args.cpu else None,
+        device="cpu" if args.cpu else None, audio_model=audio_model,
     )
     if PartialState().is_main_process:
         print(f"Built {args.output}")
@@ -177,12 +183,13 @@ def _model_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:N, or auto (GPU when present)")
     parser.add_argument("--dtype", choices=DTYPE_CHOICES, default=None, help="default: float32 on CPU, bfloat16 on GPU")
     parser.add_argument("--load_in_4bit", action="store_true", help="quantise the language model to 4 bit (nf4)")
-    parser.add_argument("--imagebind", help="ImageBind vision model folder, to embed raw media for a model without "
-                                            "a vision tower")
+    parser.add_argument("--imagebind", help="converted ImageBind folder (mm-llama convert-imagebind): embeds raw "
+                                            "images/videos for a model without a vision tower, and raw audio when "
+                                            "converted with --modality all")
     parser.add_argument("--base_model", help="stage-1 folder for a stage-2 adapter MODEL, if not the recorded one")
 
 
-def _load_for_inference(args: argparse.Namespace, with_media: bool = True):
+def _load_for_inference(args: argparse.Namespace, with_media: bool = True, cache_size: int | None = None):
     """(model, processor, embedder) for a command's `_model_arguments`."""
     from .generation import MediaEmbedder
     from .loading import load_model
@@ -190,19 +197,20 @@ def _load_for_inference(args: argparse.Namespace, with_media: bool = True):
     model, processor = load_model(args.model, device=args.device, dtype=args.dtype,
                                   load_in_4bit=args.load_in_4bit, base_model=args.base_model)
     embedder = MediaEmbedder.for_model(model, processor, imagebind=args.imagebind, device=args.device,
-                                       dtype=args.dtype) if with_media else None
+                                       dtype=args.dtype, cache_size=cache_size) if with_media else None
     return model, processor, embedder
 
 
 def _chat_parser(parser: argparse.ArgumentParser) -> None:
     parser.epilog = (
-        "Interactive (stdin; /image PATH, /video PATH, /reset, /quit; history kept across turns):\n"
+        "Interactive (stdin; /image PATH, /video PATH, /audio PATH, /reset, /quit; history kept across turns):\n"
         "  mm-llama chat outputs/mm-llama-7b --imagebind checkpoints/imagebind_huge\n"
         "One-shot:  mm-llama chat MODEL --prompt \"What is in the image?\" --image cat.jpg\n"
         "Batched one-shot prompts (JSONL lines {\"prompt\", \"image\"|\"video\"?, \"system\"?, \"id\"?}):\n"
         "  mm-llama chat MODEL --batch_file prompts.jsonl --output answers.jsonl\n"
-        "Media are raw image/video files or precomputed embedding files (.pt/.npy/.safetensors holding a [1024]\n"
-        "vector). --temperature 0 decodes greedily."
+        "Media are raw image/video/audio files or precomputed embedding files (.pt/.npy/.safetensors holding a\n"
+        "[1024] vector). Raw audio needs an --imagebind folder converted with --modality all (zero-shot: the\n"
+        "projector was trained on images and videos). --temperature 0 decodes greedily."
     )
     _model_arguments(parser)
     parser.add_argument("--system", default=None, help="system prompt")
@@ -218,20 +226,22 @@ def _chat_parser(parser: argparse.ArgumentParser) -> None:
     media = parser.add_mutually_exclusive_group()
     media.add_argument("--image", help="one-shot: image file or embedding file for --prompt")
     media.add_argument("--video", help="one-shot: video file or embedding file for --prompt")
+    media.add_argument("--audio", help="one-shot: audio file (or a video's sound track) or embedding file for --prompt")
     parser.add_argument("--batch_size", type=int, default=8, help="--batch_file: prompts per batch")
     parser.add_argument("--output", help="--batch_file: JSONL to write (default: stdout)")
 
 
 def _run_chat(args: argparse.Namespace) -> int:
-    if (args.image or args.video) and not args.prompt:
-        raise CommandError("--image/--video go with --prompt (in interactive mode, use /image PATH).", 2)
+    media_type = next((kind for kind in ("image", "video", "audio") if getattr(args, kind)), None)
+    if media_type and not args.prompt:
+        raise CommandError("--image/--video/--audio go with --prompt (in interactive mode, use /image PATH).", 2)
     from .chat import ChatSession, answer_batch_file, run_interactive
     from .generation import GenerationSettings
     from .imagebind.processing_imagebind import check_media_file
 
-    media_path = args.image or args.video
+    media_path = getattr(args, media_type) if media_type else None
     if media_path:  # fail before spending minutes loading a 7B model
-        check_media_file(media_path, "Image" if args.image else "Video")
+        check_media_file(media_path, media_type.capitalize())
     if args.batch_file and not Path(args.batch_file).is_file():
         raise CommandError(f"Batch file {args.batch_file} does not exist.")
     model, processor, embedder = _load_for_inference(args)
@@ -249,7 +259,7 @@ def _run_chat(args: argparse.Namespace) -> int:
     session = ChatSession(model, processor, embedder, settings, system=args.system)
     if args.prompt is not None:
         if media_path:
-            session.attach("image" if args.image else "video", media_path)
+            session.attach(media_type, media_path)
         if args.stream:
             session.respond(args.prompt, on_text=lambda piece: (sys.stdout.write(piece), sys.stdout.flush()))
             print()
@@ -258,6 +268,50 @@ def _run_chat(args: argparse.Namespace) -> int:
         return 0
     run_interactive(session, sys.stdin, sys.stdout, sys.stderr, stream_answers=args.stream,
                     show_prompt=sys.stdin.isatty())
+    return 0
+
+
+def _web_parser(parser: argparse.ArgumentParser) -> None:
+    parser.epilog = (
+        "A browser chat (Gradio) in one process: the model is loaded once, answers are streamed, requests wait in a\n"
+        "queue (--concurrency at a time). Needs the web extra: pip install \"mm-llama[web]\".\n"
+        "  mm-llama web outputs/mm-llama-7b --imagebind checkpoints/imagebind_huge   # open http://127.0.0.1:7860\n"
+        "  mm-llama web outputs/mm-llama-7b --imagebind checkpoints/imagebind_huge --load_in_4bit --host 0.0.0.0"
+    )
+    _model_arguments(parser)
+    parser.add_argument("--host", default="127.0.0.1", help="address to serve on (0.0.0.0: every interface)")
+    parser.add_argument("--port", type=int, default=7860)
+    parser.add_argument("--share", action="store_true", help="also open a temporary public gradio.live link")
+    parser.add_argument("--system", default="", help="the system prompt box's initial value")
+    parser.add_argument("--temperature", type=float, default=0.6, help="initial sampling temperature; 0 = greedy")
+    parser.add_argument("--top_p", type=float, default=0.9, help="initial top-p")
+    parser.add_argument("--max_new_tokens", type=int, default=256, help="initial answer length limit")
+    parser.add_argument("--concurrency", type=int, default=1,
+                        help="generations run at the same time (default 1: one GPU); others wait in the queue")
+    parser.add_argument("--max_queue", type=int, default=None, help="waiting requests before new ones are refused "
+                                                                    "(default: unlimited)")
+    parser.add_argument("--max_media", type=int, default=1,
+                        help="media files per conversation (default 1, as the original MM-LLaMA's demo)")
+
+
+def _run_web(args: argparse.Namespace) -> int:
+    import importlib.util
+
+    if importlib.util.find_spec("gradio") is None:  # before minutes of model loading
+        raise CommandError('gradio is not installed; the web demo needs it: pip install "mm-llama[web]"')
+    if args.concurrency < 1:
+        raise CommandError(f"--concurrency must be >= 1, got {args.concurrency}", 2)
+    from .generation import GenerationSettings
+    from .web import WebChat, build_app, launch
+
+    # A long-running server keeps the embeddings of the 4096 most recently used uploads, not of every upload.
+    model, processor, embedder = _load_for_inference(args, cache_size=4096)
+    chat = WebChat(model, processor, embedder, max_media=args.max_media)
+    defaults = GenerationSettings(args.max_new_tokens, args.temperature, args.top_p)
+    chat.settings(defaults.temperature, defaults.top_p, defaults.max_new_tokens)  # bad defaults fail here, not later
+    app = build_app(chat, title=f"MM-LLaMA: {Path(args.model).resolve().name}", system_prompt=args.system,
+                    defaults=defaults, concurrency_limit=args.concurrency, max_queue=args.max_queue)
+    launch(app, host=args.host, port=args.port, share=args.share)
     return 0
 
 
@@ -347,23 +401,30 @@ def _run_convert_meta(args: argparse.Namespace) -> int:
 def _convert_imagebind_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--checkpoint", required=True, help="Meta's imagebind_huge.pth (flat state dict).")
     parser.add_argument("--output_dir", required=True, help="Folder to write config.json + model.safetensors into.")
+    parser.add_argument("--modality", choices=["vision", "audio", "all"], default="vision",
+                        help="vision (default): the vision tower; audio: the audio tower; all: both, into "
+                             "OUTPUT_DIR/vision and OUTPUT_DIR/audio (what --imagebind takes for raw audio)")
     parser.add_argument("--dtype", choices=DTYPE_CHOICES, default="float32", help="Dtype of the saved weights.")
     parser.add_argument("--preset", choices=["huge", "tiny"], default=None,
-                        help="Architecture preset; inferred from the weight shapes when omitted.")
-    parser.add_argument("--image_size", type=int, default=None, help="Override the preset's image size.")
+                        help="Architecture preset (of every converted tower); inferred from the weight shapes when "
+                             "omitted.")
+    parser.add_argument("--image_size", type=int, default=None, help="Override the vision preset's image size.")
 
 
 def _run_convert_imagebind(args: argparse.Namespace) -> int:
     import torch
 
-    from .imagebind import ImageBindVisionConfig, convert_imagebind_checkpoint
+    from .imagebind import ImageBindAudioConfig, ImageBindVisionConfig, convert_imagebind_checkpoint
 
-    config = None
-    if args.preset is not None:
+    config = audio_config = None
+    if args.preset is not None and args.modality in ("vision", "all"):
         overrides = {} if args.image_size is None else {"image_size": args.image_size}
         config = ImageBindVisionConfig.from_preset(args.preset, **overrides)
+    if args.preset is not None and args.modality in ("audio", "all"):
+        audio_config = ImageBindAudioConfig.from_preset(args.preset)
     output = convert_imagebind_checkpoint(args.checkpoint, args.output_dir, config=config,
-                                          dtype=getattr(torch, args.dtype))
+                                          dtype=getattr(torch, args.dtype), modality=args.modality,
+                                          audio_config=audio_config)
     print(f"Wrote {output}")
     return 0
 
@@ -507,6 +568,8 @@ COMMANDS: dict[str, Command] = {
     "build-datasets": Command("Embed the media of LLaVA / VideoChat / JSONL sources with ImageBind into Arrow "
                               "datasets (resumable).", _build_datasets_parser, _run_build_datasets),
     "chat": Command("Chat with a model: interactive, one-shot, or a batch file.", _chat_parser, _run_chat),
+    "web": Command("Browser chat demo (Gradio): one process, streamed answers, a queue for concurrent users.",
+                   _web_parser, _run_web),
     "evaluate": Command("Loss / answer-token accuracy on a dataset split, and generation QA.", _evaluate_parser,
                         _run_evaluate),
     "convert-meta": Command("Meta LLaMA-2 checkpoint (consolidated.*.pth) -> Hugging Face LLaMA folder.",

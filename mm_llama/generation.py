@@ -5,7 +5,9 @@ Media can be given three ways, in any user turn:
   - a precomputed embedding file (`.pt`/`.pth`/`.bin`/`.npy`/`.safetensors`) holding a `[1024]` or `[1, 1024]`
     vector (generally `[tokens_per_media, media_embed_dim]`);
   - a raw image / video file (or a PIL image), embedded by the model's own vision tower, or, for a model trained on
-    precomputed embeddings (no tower), by a separate ImageBind model (`imagebind=`);
+    precomputed embeddings (no tower), by a separate ImageBind model (`imagebind=`); a raw audio file (or the audio
+    track of a video file), embedded by an ImageBind audio model from the same `imagebind=` folder (zero-shot: the
+    projector never saw audio, it only shares ImageBind's joint embedding space);
   - an already computed tensor in the content part (`{"type": "image", "embeds": tensor}`).
 Everything is reduced to `media_embeds` `[total_media, tokens_per_media, media_embed_dim]` in placeholder order, so
 the model always runs the same path.
@@ -14,6 +16,7 @@ the model always runs the same path.
 from __future__ import annotations
 
 import threading
+from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
@@ -23,20 +26,23 @@ import torch
 from transformers import BatchFeature, TextIteratorStreamer
 
 from .imagebind.processing_imagebind import ImageBindProcessor, MediaLoadError, check_media_file
-from .loading import load_imagebind
+from .loading import imagebind_folder, load_imagebind
 from .processing_mm_llama import MMLlamaProcessor, Turn, normalize_conversation
 
 EMBEDDING_SUFFIXES = (".pt", ".pth", ".bin", ".npy", ".safetensors")
 VIDEO_SUFFIXES = (".mp4", ".avi", ".mov", ".mkv", ".webm", ".m4v", ".mpg", ".mpeg", ".wmv", ".flv")
+AUDIO_SUFFIXES = (".wav", ".mp3", ".flac", ".ogg", ".oga", ".opus", ".m4a", ".aac", ".wma")
+MEDIA_TYPES = ("image", "video", "audio")
 
 
 # ---------------------------------------------------------------------------------------------------- media
 
 
 def infer_media_type(path: str | Path) -> str:
-    """ "video" for a video file suffix, else "image" (embedding files default to image: the marker type only
-    changes the `<<IMG>>` / `<<VID>>` text around the placeholder)."""
-    return "video" if Path(path).suffix.lower() in VIDEO_SUFFIXES else "image"
+    """ "video" / "audio" for a video / audio file suffix, else "image" (embedding files default to image: the marker
+    type only changes the `<<IMG>>` / `<<VID>>` / `<<AUD>>` text around the placeholder)."""
+    suffix = Path(path).suffix.lower()
+    return "video" if suffix in VIDEO_SUFFIXES else "audio" if suffix in AUDIO_SUFFIXES else "image"
 
 
 def is_embedding_file(path: str | Path) -> bool:
@@ -94,35 +100,50 @@ class MediaEmbedder:
     """Turns media content parts into ImageBind embeddings `[tokens_per_media, media_embed_dim]`.
 
     Raw images/videos need an encoder (the chat model's own vision tower, or a standalone ImageBind vision model)
-    and its image processor. Results are cached by (type, path), so a media item in the chat history is embedded
-    once. Subclasses may override `encode_raw` (e.g. to cache embeddings on disk).
+    and its image processor; raw audio an ImageBind audio model and its processor. Results are cached by (type,
+    path), so a media item in the chat history is embedded once; `cache_size` bounds the cache to the most recently
+    used items (a long-running server). Subclasses may override `encode_raw` (e.g. to cache embeddings on disk).
     """
 
     def __init__(self, media_embed_dim: int, tokens_per_media: int = 1, encoder: torch.nn.Module | None = None,
-                 image_processor: ImageBindProcessor | None = None):
-        if encoder is not None and encoder.config.projection_dim != media_embed_dim:
-            raise ValueError(
-                f"The ImageBind encoder gives {encoder.config.projection_dim}-d embeddings but the chat model expects "
-                f"media_embed_dim={media_embed_dim}; use the encoder the model was trained with."
-            )
+                 image_processor: ImageBindProcessor | None = None, audio_encoder: torch.nn.Module | None = None,
+                 audio_processor: Any | None = None, cache_size: int | None = None):
+        for tower in (encoder, audio_encoder):
+            if tower is not None and tower.config.projection_dim != media_embed_dim:
+                raise ValueError(
+                    f"The ImageBind encoder gives {tower.config.projection_dim}-d embeddings but the chat model "
+                    f"expects media_embed_dim={media_embed_dim}; use the encoder the model was trained with."
+                )
         self.media_embed_dim = media_embed_dim
         self.tokens_per_media = tokens_per_media
         self.encoder = encoder
         self.image_processor = image_processor
-        self._cache: dict[tuple[str, str], torch.Tensor] = {}
+        self.audio_encoder = audio_encoder
+        self.audio_processor = audio_processor
+        self._cache: OrderedDict[tuple[str, str], torch.Tensor] = OrderedDict()
+        self.cache_size = cache_size
 
     @classmethod
     def for_model(cls, model: torch.nn.Module, processor: MMLlamaProcessor,
                   imagebind: str | Path | torch.nn.Module | None = None, device: str | torch.device | None = None,
-                  dtype: str | torch.dtype | None = None) -> "MediaEmbedder":
+                  dtype: str | torch.dtype | None = None, cache_size: int | None = None) -> "MediaEmbedder":
         """The embedder for a chat model: its vision tower if it has one, else `imagebind` (an ImageBind vision
-        model or its folder, loaded on `device` in `dtype`), else embedding files only. Raw media are preprocessed
-        by the processor's `image_processor`, with the encoder's image size."""
+        model, or a converted ImageBind folder loaded on `device` in `dtype`), else embedding files only. Raw images
+        and videos are preprocessed by the processor's `image_processor`, with the encoder's image size. An
+        `imagebind` folder that also holds the audio model (`convert-imagebind --modality all`) embeds raw audio."""
         encoder = getattr(model, "vision_tower", None)
+        audio_encoder = audio_processor = None
         if encoder is None and isinstance(imagebind, torch.nn.Module):
             encoder = imagebind.eval()
-        elif encoder is None and imagebind is not None:
+        elif encoder is None and imagebind is not None and imagebind_folder(imagebind, "vision") is not None:
             encoder = load_imagebind(imagebind, device=device, dtype=dtype)
+        if isinstance(imagebind, (str, Path)) and imagebind_folder(imagebind, "audio") is not None:
+            from .imagebind import ImageBindAudioProcessor
+
+            audio_encoder = load_imagebind(imagebind, modality="audio", device=device, dtype=dtype)
+            audio_processor = ImageBindAudioProcessor.from_pretrained(str(imagebind_folder(imagebind, "audio")))
+        if isinstance(imagebind, (str, Path)) and encoder is None and audio_encoder is None:
+            load_imagebind(imagebind)  # a folder with neither model: raises the error that says what it lacks
         image_processor = None
         if encoder is not None:
             image_processor = processor.image_processor
@@ -130,17 +151,18 @@ class MediaEmbedder:
                 # The encoder's own input size wins (e.g. a tiny ImageBind trained at 112 px).
                 image_processor = ImageBindProcessor(**{**image_processor.to_dict(),
                                                         "image_size": encoder.config.image_size})
-        return cls(model.config.media_embed_dim, model.config.tokens_per_media, encoder, image_processor)
+        return cls(model.config.media_embed_dim, model.config.tokens_per_media, encoder, image_processor,
+                   audio_encoder, audio_processor, cache_size)
 
     def embed(self, media: dict) -> torch.Tensor:
         """One content part / record media item -> float32 `[tokens_per_media, media_embed_dim]`.
 
         Accepted keys: "embeds" (a tensor), or a source under "path" / "url" / the type name ("image": a path or
-        PIL image; "video": a path) that is either an embedding file or a raw media file.
+        PIL image; "video" / "audio": a path) that is either an embedding file or a raw media file.
         """
         media_type = media.get("type")
-        if media_type not in ("image", "video"):
-            raise ValueError(f"Unknown media type {media_type!r}; use 'image' or 'video'.")
+        if media_type not in MEDIA_TYPES:
+            raise ValueError(f"Unknown media type {media_type!r}; use 'image', 'video' or 'audio'.")
         if media.get("embeds") is not None:
             return check_embedding(media["embeds"], self.media_embed_dim, self.tokens_per_media,
                                    where=f"The {media_type} embedding")
@@ -149,6 +171,7 @@ class MediaEmbedder:
             raise ValueError(f"A {media_type} item needs 'path' (a media or embedding file) or 'embeds': got {media}.")
         key = (media_type, str(source)) if isinstance(source, (str, Path)) else None
         if key is not None and key in self._cache:
+            self._cache.move_to_end(key)
             return self._cache[key]
         if isinstance(source, (str, Path)):
             # Checked first, so a mistyped path says so rather than "no encoder" or a decoder error.
@@ -160,6 +183,8 @@ class MediaEmbedder:
                                         self.tokens_per_media, where=f"The {media_type} {source!r}")
         if key is not None:
             self._cache[key] = embedding
+            if self.cache_size is not None and len(self._cache) > self.cache_size:
+                self._cache.popitem(last=False)  # the least recently used
         return embedding
 
     def embed_all(self, media: Sequence[dict]) -> torch.Tensor | None:
@@ -169,7 +194,17 @@ class MediaEmbedder:
         return torch.stack([self.embed(item) for item in media])
 
     def encode_raw(self, media_type: str, source: Any) -> torch.Tensor:
-        """A raw image (path or PIL image) or video (path) -> its ImageBind embedding `[media_embed_dim]`."""
+        """A raw image (path or PIL image), video or audio (path) -> its ImageBind embedding `[media_embed_dim]`."""
+        if media_type == "audio":
+            if self.audio_encoder is None:
+                raise ValueError(
+                    f"{source!r} is raw audio, but no ImageBind audio model was given: pass --imagebind FOLDER "
+                    "converted with `mm-llama convert-imagebind --modality all` (or audio), or an embedding file."
+                )
+            features = self.audio_processor(audio=[source])["input_features"]  # [1, clips, 1, mel, frames]
+            parameter = next(self.audio_encoder.parameters())
+            with torch.no_grad():
+                return self.audio_encoder.embed_media(features.to(device=parameter.device, dtype=parameter.dtype))[0]
         if self.encoder is None:
             raise ValueError(
                 f"{source!r} is a raw {media_type}, but this model has no vision tower and no ImageBind model was "
@@ -297,7 +332,9 @@ def stream(model: torch.nn.Module, processor: MMLlamaProcessor, inputs: BatchFea
 
 
 __all__ = [
+    "AUDIO_SUFFIXES",
     "EMBEDDING_SUFFIXES",
+    "MEDIA_TYPES",
     "GenerationSettings",
     "MediaEmbedder",
     "VIDEO_SUFFIXES",

@@ -243,26 +243,45 @@ def load_model(
     return model.eval(), processor
 
 
-def load_imagebind(path: str | Path, *, device: str | torch.device | None = None,
-                   dtype: str | torch.dtype | None = None) -> nn.Module:
-    """A converted ImageBind vision model folder (`mm-llama convert-imagebind` output), in eval mode on
-    `device` in `dtype` (None: float32 on CPU, bfloat16 on GPU)."""
-    from .imagebind import ImageBindVisionModel
+IMAGEBIND_MODEL_TYPES = {"vision": "imagebind_vision_model", "audio": "imagebind_audio_model"}
 
+
+def imagebind_folder(path: str | Path, modality: str = "vision") -> Path | None:
+    """The folder of the ImageBind `modality` model ("vision" or "audio") in `path`: `path` itself (a
+    `convert-imagebind --modality vision|audio` output) or `path/<modality>` (a `--modality all` output); None."""
     path = Path(path)
-    if not (path / "config.json").is_file():
+    for folder in (path, path / modality):
+        config = folder / "config.json"
+        if config.is_file() and json.loads(config.read_text(encoding="utf-8")).get("model_type") == (
+                IMAGEBIND_MODEL_TYPES[modality]):
+            return folder
+    return None
+
+
+def load_imagebind(path: str | Path, *, modality: str = "vision", device: str | torch.device | None = None,
+                   dtype: str | torch.dtype | None = None) -> nn.Module:
+    """The converted ImageBind `modality` model in `path` (see `imagebind_folder`), in eval mode on `device` in `dtype`
+    (None: float32 on CPU, bfloat16 on GPU)."""
+    from .imagebind import ImageBindAudioModel, ImageBindVisionModel
+
+    folder = imagebind_folder(path, modality)
+    if folder is None:
         raise FileNotFoundError(
-            f"{path} is not an ImageBind model folder (no config.json); convert Meta's checkpoint with "
-            "mm-llama convert-imagebind and pass the output folder."
+            f"{path} holds no ImageBind {modality} model (a config.json of model_type "
+            f"{IMAGEBIND_MODEL_TYPES[modality]!r}, there or in {modality}/); convert Meta's checkpoint with "
+            f"`mm-llama convert-imagebind --modality {modality}` (or all) and pass the output folder."
         )
+    model_class = ImageBindVisionModel if modality == "vision" else ImageBindAudioModel
     device = resolve_device(device)
-    return ImageBindVisionModel.from_pretrained(str(path), dtype=resolve_dtype(dtype, device)).to(device).eval()
+    return model_class.from_pretrained(str(folder), dtype=resolve_dtype(dtype, device)).to(device).eval()
 
 
 __all__ = [
     "FOUR_BIT_SKIP_MODULES",
+    "IMAGEBIND_MODEL_TYPES",
     "LANGUAGE_MODEL_PREFIX",
     "PROJECTOR_MODULE",
+    "imagebind_folder",
     "is_adapter_folder",
     "load_imagebind",
     "load_model",

@@ -280,6 +280,8 @@ class MMLlamaForCausalLM(MMLlamaPreTrainedModel, GenerationMixin):
         logits_to_keep: int | torch.Tensor = 0,
         logits_for_labels_only: bool = False,
         num_items_in_batch: torch.Tensor | int | None = None,
+        loss_chunk_size: int | None = None,
+        use_liger_loss: bool = True,
         **kwargs,
     ) -> MMLlamaCausalLMOutput:
         """
@@ -297,6 +299,11 @@ class MMLlamaForCausalLM(MMLlamaPreTrainedModel, GenerationMixin):
                 a 32k vocabulary dominates a training step); `logits` is then [num_trained_tokens, vocab].
             num_items_in_batch: denominator for the loss over a whole gradient-accumulation batch (HF Trainer):
                 the number of trained tokens, or the sum of their weights when `loss_weights` is given.
+            loss_chunk_size / use_liger_loss: with `logits_for_labels_only`, compute the loss without materialising
+                the logits (`loss_mm_llama.token_loss_stats`: Liger-Kernel's fused loss on CUDA when installed,
+                otherwise `loss_chunk_size` positions at a time); `logits` is then None. None: the full loss.
+            position_ids: for packed batches (`mm_llama.data.packing`), positions restarting at 0 for every
+                conversation, with `attention_mask=None`: attention then stays within each conversation.
         """
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("Pass exactly one of input_ids and inputs_embeds.")
@@ -316,6 +323,10 @@ class MMLlamaForCausalLM(MMLlamaPreTrainedModel, GenerationMixin):
         elif media_embeds is not None:
             raise ValueError("media_embeds need input_ids to locate the placeholders; got inputs_embeds instead.")
 
+        if labels is not None and use_cache is None:
+            # A forward with labels (training, evaluation) never needs a KV cache; packed batches must have none,
+            # since a cache turns off transformers' packed-sequence attention mask (config.use_cache is True).
+            use_cache = False
         outputs = self.language_model.model(
             attention_mask=attention_mask,
             position_ids=position_ids,
@@ -335,7 +346,8 @@ class MMLlamaForCausalLM(MMLlamaPreTrainedModel, GenerationMixin):
             weights = loss_weights[:, 1:][trained] if loss_weights is not None else None
             answers = answer_mask[:, 1:][trained].bool() if answer_mask is not None else None
             if logits_for_labels_only:
-                stats, logits = token_loss_stats(hidden_states[:, :-1][trained], lm_head, targets, weights, answers)
+                stats, logits = token_loss_stats(hidden_states[:, :-1][trained], lm_head, targets, weights, answers,
+                                                 chunk_size=loss_chunk_size, use_liger=use_liger_loss)
             else:
                 logits = lm_head(hidden_states)
                 stats = token_stats_from_logits(logits[:, :-1][trained], targets, weights, answers)

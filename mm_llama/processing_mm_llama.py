@@ -6,6 +6,9 @@ Prompt format (Meta's LLaMA-2 reference `chat_completion`, plus media markers af
 
 Text is encoded with sentencepiece exactly as Meta's reference does (one `encode` per user/assistant pair, BOS/EOS
 added by id); the media placeholder is inserted by id, never parsed from text.
+
+Why one module of ~480 lines: it travels with saved checkpoints as remote code, where only flat relative imports
+are copied, so the chat template, conversation normalisation and encoding stay together in this file.
 """
 
 from __future__ import annotations
@@ -21,13 +24,13 @@ from transformers.processing_utils import ProcessorMixin
 
 B_INST, E_INST = "[INST]", "[/INST]"
 B_SYS, E_SYS = "<<SYS>>\n", "\n<</SYS>>\n\n"
-MEDIA_MARKERS = {"image": ("<<IMG>>", "<</IMG>>"), "video": ("<<VID>>", "<</VID>>")}
-MEDIA_TYPE_IDS = {"image": 0, "video": 1}
+MEDIA_MARKERS = {"image": ("<<IMG>>", "<</IMG>>"), "video": ("<<VID>>", "<</VID>>"), "audio": ("<<AUD>>", "<</AUD>>")}
+MEDIA_TYPE_IDS = {"image": 0, "video": 1, "audio": 2}
 IGNORE_INDEX = -100
 TrainOn = Literal["all", "last"]
 
 # The same format as a Jinja template, so that `apply_chat_template(..., tokenize=False)` renders it. Content may be
-# a string or HF content parts ({"type": "text"|"image"|"video"}); the placeholder appears as the text "<unk>".
+# a string or HF content parts ({"type": "text"|"image"|"video"|"audio"}); the placeholder appears as the text "<unk>".
 LLAMA2_MEDIA_CHAT_TEMPLATE = (
     "{%- macro text_of(content) -%}"
     "{%- if content is string -%}{{ content }}"
@@ -38,7 +41,8 @@ LLAMA2_MEDIA_CHAT_TEMPLATE = (
     "{%- if content is not string -%}{%- for part in content if part['type'] != 'text' -%}"
     "{%- if part['type'] == 'image' -%}{{ '<<IMG>>' + '<unk>' * tokens_per_media + '<</IMG>>' }}"
     "{%- elif part['type'] == 'video' -%}{{ '<<VID>>' + '<unk>' * tokens_per_media + '<</VID>>' }}"
-    "{%- else -%}{{ raise_exception('Unknown media type ' + part['type'] + ': use image or video.') }}"
+    "{%- elif part['type'] == 'audio' -%}{{ '<<AUD>>' + '<unk>' * tokens_per_media + '<</AUD>>' }}"
+    "{%- else -%}{{ raise_exception('Unknown media type ' + part['type'] + ': use image, video or audio.') }}"
     "{%- endif -%}{%- endfor -%}{%- endif -%}"
     "{%- endmacro -%}"
     "{%- set tokens_per_media = tokens_per_media | default(1) -%}"
@@ -98,7 +102,8 @@ def _text_of_parts(content: Any, where: str) -> tuple[str, list[dict]]:
         elif part_type in MEDIA_MARKERS:
             media.append(part)
         else:
-            raise ValueError(f"{where}: unknown content part type {part_type!r}; use 'text', 'image' or 'video'.")
+            raise ValueError(f"{where}: unknown content part type {part_type!r}; use 'text', 'image', 'video' or "
+                             "'audio'.")
     return " ".join(texts), media
 
 
@@ -156,12 +161,12 @@ def normalize_conversation(conversation: dict | Sequence[dict], where: str = "co
             media_parts.append(record_media[user_turns_seen])
             used_media.add(user_turns_seen)
         if media_parts and role != "user":
-            raise ValueError(f"{at}: media on a {role!r} turn; only user turns can carry an image or video.")
+            raise ValueError(f"{at}: media on a {role!r} turn; only user turns can carry an image, video or audio.")
         if len(media_parts) > 1:
             raise ValueError(f"{at}: {len(media_parts)} media items on one user turn; at most one is supported.")
         media = dict(media_parts[0]) if media_parts else None
         if media is not None and media.get("type") not in MEDIA_MARKERS:
-            raise ValueError(f"{at}: unknown media type {media.get('type')!r}; use 'image' or 'video'.")
+            raise ValueError(f"{at}: unknown media type {media.get('type')!r}; use 'image', 'video' or 'audio'.")
         user_turns_seen += role == "user"
         turns.append(Turn(role=role, text=text, media=media))
     if len(used_media) != len(record_media):
@@ -184,7 +189,7 @@ class MMLlamaProcessor(ProcessorMixin):
         image_processor: ImageBind's image + video preprocessing (`mm_llama.imagebind.ImageBindProcessor`), saved and
             loaded with the processor; default: ImageBind-huge's at `image_size` (224 px).
         chat_template: Jinja template; defaults to the LLaMA-2 media template.
-        tokens_per_media: placeholder tokens per image/video (must equal the model config's).
+        tokens_per_media: placeholder tokens per image/video/audio item (must equal the model config's).
 
     `processor(conversations, media_embeds=...)` returns `input_ids`, `attention_mask`, `labels` (-100 where no loss
     is taken), `loss_weights` (when `prompt_loss_weight > 0`) and the media: `media_embeds`
@@ -417,6 +422,11 @@ class MMLlamaProcessor(ProcessorMixin):
     def _load_raw_media(self, media: list[dict]) -> dict[str, torch.Tensor]:
         sources = {"image": [], "video": []}
         for item in media:
+            if item["type"] == "audio":
+                raise ValueError(
+                    "Raw audio needs precomputed media_embeds: the model's tower is ImageBind's vision tower. Embed "
+                    "it with mm_llama.generation.MediaEmbedder and an ImageBind audio model (--imagebind FOLDER)."
+                )
             source = next((item[key] for key in (item["type"], "path", "url") if item.get(key) is not None), None)
             if source is None:
                 raise ValueError(

@@ -213,3 +213,14 @@ def test_load_in_4bit_quantises_the_language_model_only(setup):
                                      MediaEmbedder.for_model(model, processor))
     answer = generate(model, processor, inputs, GenerationSettings(MAX_NEW_TOKENS, temperature=0))
     assert isinstance(answer[0], str) and len(answer) == 1
+
+
+def test_media_embedder_cache_keeps_the_most_recently_used(setup):
+    from mm_llama.generation import MediaEmbedder
+
+    root, stage1, embeds, model, processor = setup
+    embedder = MediaEmbedder.for_model(model, processor, cache_size=2)
+    first, second, third = ({"type": "image", "path": str(path)} for path, _ in embeds)
+    embedder.embed(first), embedder.embed(second), embedder.embed(first), embedder.embed(third)
+    assert [path for _, path in embedder._cache] == [first["path"], third["path"]]  # second was the least recent
+    torch.testing.assert_close(embedder.embed(second)[0], embeds[1][1])  # evicted items are embedded again

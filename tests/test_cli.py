@@ -20,7 +20,7 @@ REPO = Path(__file__).resolve().parents[1]
 SCRIPTS = {"train": "train.py", "build-datasets": "build_datasets.py", "chat": "chat.py", "evaluate": "evaluate.py",
            "convert-meta": "convert_meta_checkpoint.py", "convert-imagebind": "convert_imagebind_checkpoint.py",
            "merge": "convert_lora_checkpoint.py", "download-imagebind": "download_imagebind_checkpoint.py",
-           "download-webvid": "download_webvid_dataset.py", "demo": "demo.py"}
+           "download-webvid": "download_webvid_dataset.py", "demo": "demo.py", "web": "web_demo.py"}
 
 
 def run(*command: str) -> subprocess.CompletedProcess:
@@ -54,7 +54,8 @@ def test_console_script():
 
 def test_argument_errors_exit_2_with_one_line(capsys):
     assert main(["chat", "model", "--image", "x.jpg"]) == 2
-    assert capsys.readouterr().err == "error: --image/--video go with --prompt (in interactive mode, use /image PATH).\n"
+    assert capsys.readouterr().err == ("error: --image/--video/--audio go with --prompt (in interactive mode, use "
+                                       "/image PATH).\n")
     with pytest.raises(SystemExit) as exit_:  # argparse's own errors: usage and one error line, status 2
         main(["merge"])
     assert exit_.value.code == 2

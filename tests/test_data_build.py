@@ -181,7 +181,7 @@ def test_videochat_build_embeds_each_video_once(encoder, tmp_path, monkeypatch):
     np.testing.assert_allclose(rows["1002_1"]["media_embeds"][:, 0], direct_video(encoder, videos / "1002.mp4"),
                                rtol=1e-5, atol=1e-6)
     assert manifest["skipped"]["by_reason"] == {"corrupt_media": 1}
-    assert manifest["counts"]["media_by_type"] == {"image": 0, "video": 3}
+    assert manifest["counts"]["media_by_type"] == {"image": 0, "video": 3, "audio": 0}
 
 
 def test_records_jsonl_mixed_media_text_only_and_split(encoder, tmp_path):

@@ -26,6 +26,35 @@ def meta_dialog_tokens(sp: spm.SentencePieceProcessor, dialog: list[dict]) -> li
     return tokens
 
 
+META_MARKERS = {"image": ("<<IMG>>", "<</IMG>>"), "video": ("<<VID>>", "<</VID>>"), "audio": ("<<AUD>>", "<</AUD>>")}
+
+
+def meta_style_media_tokens(sp: spm.SentencePieceProcessor, dialog: list[dict]) -> list[int]:
+    """Meta's `chat_completion` ids for a dialog whose user turns may carry one media item (`"media": "image" |
+    "video" | "audio"`), re-stated: the turn's text is `[INST] {prompt} {open marker}` + placeholder + `{close marker}
+    [/INST] {answer} `; the placeholder (`<unk>`, id 0) is inserted by id and the text after it continues the same
+    string, so it is encoded without sentencepiece's dummy prefix (the leading "\u2581" of a new string)."""
+    continuation = spm.SentencePieceProcessor()
+    proto = __import__("sentencepiece.sentencepiece_model_pb2", fromlist=["x"]).ModelProto.FromString(
+        sp.serialized_model_proto())
+    proto.normalizer_spec.add_dummy_prefix = False
+    continuation.load_from_serialized_proto(proto.SerializeToString())
+    tokens = []
+    for index in range(0, len(dialog), 2):
+        prompt, answer = dialog[index], dialog[index + 1] if index + 1 < len(dialog) else None
+        tail = f" {META_E_INST}" + (f" {answer['content'].strip()} " if answer else "")
+        tokens.append(sp.bos_id())
+        if prompt.get("media"):
+            open_marker, close_marker = META_MARKERS[prompt["media"]]
+            tokens += sp.encode(f"{META_B_INST} {prompt['content'].strip()} {open_marker}") + [sp.unk_id()]
+            tokens += continuation.encode(close_marker + tail)
+        else:
+            tokens += sp.encode(f"{META_B_INST} {prompt['content'].strip()}{tail}")
+        if answer:
+            tokens.append(sp.eos_id())
+    return tokens
+
+
 DIALOGS = [
     [{"role": "user", "content": "Hello there"}, {"role": "assistant", "content": "Hi! How can I help?"}],
     [
@@ -140,6 +169,34 @@ def test_media_markers_and_placeholder_by_id(processor, sp):
     assert all(encoded.labels[i] == IGNORE_INDEX for i, t in enumerate(encoded.input_ids) if t == 0)
 
 
+def test_image_then_video_then_audio_ids_match_the_meta_style_reference(processor, sp):
+    """Several media in one conversation (as a chat session builds it: a new item in a later user turn), each marker
+    in the turn that brought it; the open generation prompt ends at [/INST]."""
+    messages = [
+        {"role": "user", "content": [{"type": "text", "text": "What is it?"}, {"type": "image"}]},
+        {"role": "assistant", "content": "A red circle."},
+        {"role": "user", "content": [{"type": "text", "text": "And this clip?"}, {"type": "video"}]},
+        {"role": "assistant", "content": "It moves left."},
+        {"role": "user", "content": [{"type": "text", "text": "What do you hear?"}, {"type": "audio"}]},
+    ]
+    reference = [{"role": "user", "content": "What is it?", "media": "image"},
+                 {"role": "assistant", "content": "A red circle."},
+                 {"role": "user", "content": "And this clip?", "media": "video"},
+                 {"role": "assistant", "content": "It moves left."},
+                 {"role": "user", "content": "What do you hear?", "media": "audio"}]
+    encoded = processor.encode_conversation(messages, add_generation_prompt=True)
+    assert encoded.input_ids == meta_style_media_tokens(sp, reference)
+    assert encoded.text == (
+        "<s>[INST] What is it? <<IMG>><unk><</IMG>> [/INST] A red circle. </s>"
+        "<s>[INST] And this clip? <<VID>><unk><</VID>> [/INST] It moves left. </s>"
+        "<s>[INST] What do you hear? <<AUD>><unk><</AUD>> [/INST]"
+    )
+    assert [item["type"] for item in encoded.media] == ["image", "video", "audio"]
+    batch = processor(messages, media_embeds=torch.randn(3, 1024), add_generation_prompt=True)
+    assert batch["media_type_ids"].tolist() == [0, 1, 2]
+    assert processor.apply_chat_template(messages, add_generation_prompt=True) == encoded.text
+
+
 def test_tokens_per_media(spm_model_path):
     processor = MMLlamaProcessor(MMLlamaTokenizer(vocab_file=str(spm_model_path)), tokens_per_media=3)
     messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Hi"}]}]
@@ -192,7 +249,7 @@ def test_media_embeds_in_placeholder_order(processor):
             [{"role": "user", "content": "a"}, {"role": "assistant", "content": [{"type": "image"}]}],
             "message 1: media on a 'assistant' turn",
         ),
-        ([{"role": "user", "content": [{"type": "audio"}]}], "message 0: unknown content part type 'audio'"),
+        ([{"role": "user", "content": [{"type": "pdf"}]}], "message 0: unknown content part type 'pdf'"),
         (
             {"id": "r9", "messages": [{"role": "user", "content": "a", "media_index": 0}], "media": [{"type": "pdf"}]},
             "'r9', message 0: unknown media type 'pdf'",

@@ -3,7 +3,7 @@
 - `sources`: one reader per format (LLaVA, VideoChat, our JSON/JSONL) yielding validated records.
 - `build`: the embedding builder (`build_dataset`), resumable and multi-process, writing a `DatasetDict` and a
   manifest.
-- `collator`: training batches from built rows.
+- `collator`: training batches from built rows; `packing`: several conversations per row, padding-free.
 - `webvid`: downloads the WebVid videos a VideoChat JSON needs.
 
 The names below are imported on first use, so that the light readers (`mm_llama.data.sources`) do not pull in torch
@@ -20,6 +20,7 @@ _PUBLIC_NAMES = {
     "DEFAULT_VALIDATION_RATIO": "build", "build_dataset": "build", "distinct_media": "build",
     "format_summary": "build", "read_all_sources": "build",
     "MMLlamaDataCollator": "collator",
+    "PackedDataset": "packing", "PackingCollator": "packing", "pack_rows": "packing", "plan_packs": "packing",
     "SKIP_REASONS": "records", "RecordError": "records", "SkipLog": "records", "validate_record": "records",
     "SOURCE_KINDS": "sources", "SourceSpec": "sources", "iter_jsonl": "sources", "llava_to_record": "sources",
     "read_llava": "sources", "read_records": "sources", "read_source": "sources", "read_videochat": "sources",

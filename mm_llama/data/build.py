@@ -32,7 +32,7 @@ from tqdm.auto import tqdm
 from .assemble import ShardIndex, split_dataset, write_rows
 from ..loading import resolve_dtype
 from .embed import embed_shards, encoder_description
-from .media import MediaItem
+from .media import MEDIA_KINDS, MediaItem
 from .records import MEDIA_SKIP_REASONS, SkipLog
 from .shards import (
     finished_shards,
@@ -131,6 +131,7 @@ def build_dataset(
     progress: bool = True,
     device: torch.device | str | None = None,
     on_shard_written: Callable[[int], None] | None = None,
+    audio_model: torch.nn.Module | None = None,
 ) -> dict:
     """Builds the dataset of `sources` with encoder `model` into `output_dir`; returns the manifest.
 
@@ -148,6 +149,8 @@ def build_dataset(
         keep_shards: keep `_shards/` after success, for inspection (a rebuild needs `overwrite`, which restarts).
         device: where the encoder runs; default the accelerate process's device (GPU when present).
         on_shard_written: called with each shard id once its file is complete.
+        audio_model: the ImageBind audio encoder, needed when records carry audio (our records format); moved and
+            cast like `model`.
 
     Raises:
         FileExistsError: the output holds a finished build (without `overwrite`) or unrelated files.
@@ -167,9 +170,18 @@ def build_dataset(
 
     records, skips = read_all_sources(sources, progress=progress)
     items = distinct_media(records)
-    model = model.to(device=torch.device(device) if device is not None else state.device, dtype=torch_dtype)
-    model.eval()
+    num_audio = sum(item.type == "audio" for item in items)
+    if num_audio and audio_model is None:  # said now, not after hours of embedding the images
+        raise ValueError(
+            f"The sources have {num_audio} audio files but no ImageBind audio model was given: pass --encoder with a "
+            "folder converted by `mm-llama convert-imagebind --modality all`."
+        )
+    target = torch.device(device) if device is not None else state.device
+    model = model.to(device=target, dtype=torch_dtype).eval()
     encoder = encoder_description(model)
+    if num_audio:
+        audio_model = audio_model.to(device=target, dtype=torch_dtype).eval()
+        encoder["audio"] = encoder_description(audio_model)
     plan = {
         "fingerprint": media_fingerprint(items, encoder, dtype, shard_size),
         "num_media": len(items),
@@ -209,7 +221,7 @@ def build_dataset(
         device=next(model.parameters()).device, dtype=torch_dtype, batch_size=batch_size,
         num_workers=num_workers, progress=progress,
         description=f"embedding (process {state.process_index})" if state.num_processes > 1 else "embedding",
-        on_shard_written=on_shard_written,
+        on_shard_written=on_shard_written, audio_model=audio_model if num_audio else None,
     )
     state.wait_for_everyone()
 
@@ -249,7 +261,7 @@ def _manifest(sources, records, written, skips, items, media_failed, splits, enc
                                       if reason not in MEDIA_SKIP_REASONS) for spec in sources}
     for name, _ in records:
         read_per_source[name] += 1
-    media_by_type = {kind: sum(1 for item in items if item.type == kind) for kind in ("image", "video")}
+    media_by_type = {kind: sum(1 for item in items if item.type == kind) for kind in MEDIA_KINDS}
     return {
         "manifest_version": MANIFEST_VERSION,
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -287,8 +299,9 @@ def format_summary(manifest: dict) -> str:
     lines = [
         f"records read: {counts['records_read']}, written: {counts['records_written']} "
         f"({', '.join(f'{name}: {n}' for name, n in counts['splits'].items())})",
-        f"media: {counts['media_distinct']} distinct ({counts['media_by_type']['image']} images, "
-        f"{counts['media_by_type']['video']} videos), {counts['media_failed']} unreadable",
+        f"media: {counts['media_distinct']} distinct ("
+        + ", ".join(f"{n} {kind}s" for kind, n in counts["media_by_type"].items() if n or kind != "audio")
+        + f"), {counts['media_failed']} unreadable",
     ]
     skipped = manifest["skipped"]
     lines.append(f"skipped records: {skipped['total']}")

@@ -37,7 +37,7 @@ def encoder_description(model: torch.nn.Module) -> dict:
         "class": type(model).__name__,
         "config_hash": hashlib.sha256(json.dumps(stable, sort_keys=True, default=str).encode()).hexdigest(),
         "weights_digest": weights.hexdigest()[:16],
-        "image_size": int(model.config.image_size),
+        **({"image_size": int(model.config.image_size)} if hasattr(model.config, "image_size") else {}),
     }
 
 
@@ -62,17 +62,26 @@ def embed_shards(
     progress: bool = True,
     description: str = "embedding",
     on_shard_written: Callable[[int], None] | None = None,
+    audio_model: torch.nn.Module | None = None,
 ) -> None:
     """Embeds the media of `shard_ids` and writes one shard file each (see `shards.py`).
 
     `model` must offer the vision model's `embed_media(pixel_values=[B, 3, S, S] | video_pixel_values=[B, 15, 3, 2,
-    S, S]) -> [B, D]` and sit on `device` in `dtype`; S is `model.config.image_size`. Batches never cross a shard boundary, so a
-    shard's embeddings do not depend on which other shards are (re)done in the same run or by which process.
-    `on_shard_written(shard_id)` is called after each shard file is complete (progress hooks, tests).
+    S, S]) -> [B, D]` and sit on `device` in `dtype`; S is `model.config.image_size`. Audio items need `audio_model`
+    (`ImageBindAudioModel.embed_media(input_features) -> [B, D]`), on the same device in the same dtype. Batches never
+    cross a shard boundary, so a shard's embeddings do not depend on which other shards are (re)done in the same run
+    or by which process. `on_shard_written(shard_id)` is called after each shard file is complete (progress hooks,
+    tests).
     """
     if not shard_ids:
         return
-    dataset = MediaDecodeDataset(items, image_size=int(model.config.image_size))
+    audio_processor = None
+    if audio_model is not None:
+        from mm_llama.imagebind import ImageBindAudioProcessor
+
+        audio_processor = ImageBindAudioProcessor(num_mel_bins=audio_model.config.num_mel_bins,
+                                                  target_length=audio_model.config.target_length)
+    dataset = MediaDecodeDataset(items, image_size=int(model.config.image_size), audio_processor=audio_processor)
     batches: list[list[int]] = []
     batch_shard: list[int] = []
     for shard_id in shard_ids:
@@ -96,14 +105,14 @@ def embed_shards(
             results = pending.setdefault(shard_id, {})
             for index, reason, error in batch["failures"]:
                 results[index] = (reason, error, None)
-            for pixels_key, indices_key, argument in (("images", "image_indices", "pixel_values"),
-                                                      ("videos", "video_indices", "video_pixel_values")):
-                if batch[pixels_key] is None:
+            for kind, encoder, argument in (("image", model, "pixel_values"), ("video", model, "video_pixel_values"),
+                                            ("audio", audio_model, "input_features")):
+                if batch[f"{kind}s"] is None:
                     continue
-                pixels = batch[pixels_key].to(device=device, dtype=dtype, non_blocking=True)
-                vectors = _as_tokens(model.embed_media(**{argument: pixels}))
+                pixels = batch[f"{kind}s"].to(device=device, dtype=dtype, non_blocking=True)
+                vectors = _as_tokens(encoder.embed_media(**{argument: pixels}))
                 dim_tokens = vectors.shape[1:]
-                for index, vector in zip(batch[indices_key], vectors):
+                for index, vector in zip(batch[f"{kind}_indices"], vectors):
                     results[index] = (STATUS_OK, None, vector)
             remaining_batches[shard_id] -= 1
             bar.update(1)
@@ -131,15 +140,27 @@ def _write_shard(writer: ShardWriter, shard_id: int, items: list[MediaItem], sha
 
 
 def load_encoder(path: str | None = None, preset: str | None = None, image_size: int | None = None,
-                 seed: int = 0) -> torch.nn.Module:
-    """The ImageBind vision encoder: `from_pretrained(path)`, or a random-init `preset` (tests, demos) built with
-    `seed` so that two processes or two runs get the same weights. Exactly one of `path`, `preset` is needed."""
-    from mm_llama.imagebind import ImageBindVisionConfig, ImageBindVisionModel
+                 seed: int = 0, modality: str = "vision") -> torch.nn.Module | None:
+    """An ImageBind encoder: the `modality` ("vision" or "audio") model of a converted folder `path`, or a
+    random-init `preset` (tests, demos) built with `seed` so that two processes or two runs get the same weights.
+    Exactly one of `path`, `preset` is needed. For audio, a folder without an audio model gives None (the vision
+    model is required)."""
+    from mm_llama.imagebind import ImageBindAudioConfig, ImageBindAudioModel, ImageBindVisionConfig, ImageBindVisionModel
+    from mm_llama.loading import imagebind_folder
 
     if (path is None) == (preset is None):
         raise ValueError("Pass either an encoder checkpoint folder (--encoder) or a random-init preset (--encoder-preset).")
+    model_class = ImageBindVisionModel if modality == "vision" else ImageBindAudioModel
     if path is not None:
-        return ImageBindVisionModel.from_pretrained(path)
-    overrides = {} if image_size is None else {"image_size": image_size}
+        folder = imagebind_folder(path, modality)
+        if folder is None and modality == "audio":
+            return None
+        if folder is None:
+            raise FileNotFoundError(f"{path} holds no ImageBind vision model; pass a folder written by `mm-llama "
+                                    "convert-imagebind`.")
+        return model_class.from_pretrained(str(folder))
     torch.manual_seed(seed)
+    if modality == "audio":
+        return ImageBindAudioModel(ImageBindAudioConfig.from_preset(preset))
+    overrides = {} if image_size is None else {"image_size": image_size}
     return ImageBindVisionModel(ImageBindVisionConfig.from_preset(preset, **overrides))

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 ROLES = ("system", "user", "assistant")
-MEDIA_TYPES = ("image", "video")
+MEDIA_TYPES = ("image", "video", "audio")
 
 # Reasons a record is skipped. Readers and the builder only ever use these names, so the manifest's counts are
 # comparable across builds.

@@ -28,6 +28,9 @@ Audio key mapping (official -> HF):
 
 The audio trunk has no pre-transformer LayerNorm (Meta: pre_transformer_ln=False), so it has no such keys.
 Keys of modalities not being converted are ignored; every key of a converted modality must be accounted for.
+
+Why one module of ~470 lines: both towers' key mappings read the same flat checkpoint and share its checks and the
+one conversion entry point (`modality` vision / audio / all).
 """
 
 from __future__ import annotations
@@ -354,31 +357,31 @@ def _read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     return state_dict
 
 
-def _vision_model(
-    official: dict[str, torch.Tensor], config: ImageBindVisionConfig | None, dtype: torch.dtype | None
-) -> ImageBindVisionModel:
-    config = config if config is not None else infer_vision_config(official)
-    state_dict = convert_imagebind_state_dict(official, config)
-    # Build without allocating random weights (the huge model is 2.5 GB), then take the checkpoint's tensors.
+def _model_from_state_dict(model_class: type, config, state_dict: dict[str, torch.Tensor],
+                           dtype: torch.dtype | None):
+    """Builds `model_class(config)` without allocating random weights (the huge vision tower is 2.5 GB), then takes
+    the converted checkpoint's tensors (strict: every key accounted for)."""
     with torch.device("meta"):
-        model = ImageBindVisionModel(config)
+        model = model_class(config)
     model.load_state_dict(state_dict, strict=True, assign=True)
     if dtype is not None:
         model = model.to(dtype)
     return model.eval()
+
+
+def _vision_model(
+    official: dict[str, torch.Tensor], config: ImageBindVisionConfig | None, dtype: torch.dtype | None
+) -> ImageBindVisionModel:
+    config = config if config is not None else infer_vision_config(official)
+    return _model_from_state_dict(ImageBindVisionModel, config, convert_imagebind_state_dict(official, config), dtype)
 
 
 def _audio_model(
     official: dict[str, torch.Tensor], config: ImageBindAudioConfig | None, dtype: torch.dtype | None
 ) -> ImageBindAudioModel:
     config = config if config is not None else infer_audio_config(official)
-    state_dict = convert_imagebind_audio_state_dict(official, config)
-    with torch.device("meta"):
-        model = ImageBindAudioModel(config)
-    model.load_state_dict(state_dict, strict=True, assign=True)
-    if dtype is not None:
-        model = model.to(dtype)
-    return model.eval()
+    return _model_from_state_dict(ImageBindAudioModel, config, convert_imagebind_audio_state_dict(official, config),
+                                  dtype)
 
 
 def load_imagebind_checkpoint(

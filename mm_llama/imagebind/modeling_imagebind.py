@@ -143,6 +143,25 @@ class ImageBindVisionPreTrainedModel(PreTrainedModel):
             init.normal_(module.position_embedding, std=std)
 
 
+def imagebind_head(hidden: torch.Tensor, layernorm: nn.Module, projection: nn.Module, num_views: int | None,
+                   scale: float = 1.0) -> torch.Tensor:
+    """Meta's modality head and postprocessor, shared by the vision and audio towers: layer norm of the class token,
+    projection, L2 normalisation times `scale` (1 for vision, the fixed logit scale for audio), then the mean over an
+    item's `num_views` views or clips (not renormalised, as Meta's).
+
+    Args:
+        hidden: `[B * num_views, tokens, hidden]` last hidden states (class token first).
+    Returns:
+        `[B, projection_dim]`
+    """
+    # LayerNorm is per token, so normalising token 0 alone equals Meta's "LN over all tokens, then select 0".
+    embeds = F.normalize(projection(layernorm(hidden[:, 0])), dim=-1) * scale  # [B*, P]
+    if num_views is not None:
+        # Average in fp32 so that bf16 models do not lose the mean's precision.
+        embeds = embeds.float().unflatten(0, (-1, num_views)).mean(dim=1).to(embeds.dtype)
+    return embeds
+
+
 class ImageBindVisionModel(ImageBindVisionPreTrainedModel):
     """ImageBind's vision encoder: images `[B,3,H,W]`, clips `[B,3,T,H,W]` or multi-view items `[B,V,3,T,H,W]` ->
     one embedding `[B, projection_dim]` per item (L2-normalised for images and clips).
@@ -225,12 +244,7 @@ class ImageBindVisionModel(ImageBindVisionPreTrainedModel):
             if output_hidden_states:
                 all_hidden = all_hidden + (hidden,)
 
-        # LayerNorm is per token, so normalising token 0 alone equals Meta's "LN over all tokens, then select 0".
-        pooled = self.head_layernorm(hidden[:, 0])
-        embeds = F.normalize(self.visual_projection(pooled), dim=-1)  # [B*, P]
-        if num_views is not None:
-            # Average in fp32 so that bf16 models do not lose the mean's precision; NOT renormalised (Meta).
-            embeds = embeds.float().unflatten(0, (-1, num_views)).mean(dim=1).to(embeds.dtype)
+        embeds = imagebind_head(hidden, self.head_layernorm, self.visual_projection, num_views)
 
         if not return_dict:
             return tuple(v for v in (embeds, hidden, all_hidden) if v is not None)
@@ -287,4 +301,4 @@ class ImageBindVisionModel(ImageBindVisionPreTrainedModel):
         return self(video_pixel_values, return_dict=True).embeds
 
 
-__all__ = ["IMAGE_TYPE_ID", "VIDEO_TYPE_ID", "ImageBindVisionModel", "ImageBindVisionModelOutput", "ImageBindVisionPreTrainedModel"]
+__all__ = ["IMAGE_TYPE_ID", "VIDEO_TYPE_ID", "imagebind_head", "ImageBindVisionModel", "ImageBindVisionModelOutput", "ImageBindVisionPreTrainedModel"]

@@ -24,7 +24,6 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from transformers import PreTrainedModel
 from transformers import initialization as init
@@ -33,6 +32,7 @@ from transformers.models.clip.modeling_clip import CLIPAttention, CLIPEncoderLay
 from transformers.utils import ModelOutput
 
 from .configuration_imagebind_audio import ImageBindAudioConfig
+from .modeling_imagebind import imagebind_head
 
 
 @dataclass
@@ -274,12 +274,7 @@ class ImageBindAudioModel(ImageBindAudioPreTrainedModel):
             if output_hidden_states:
                 all_hidden = all_hidden + (hidden,)
 
-        # LayerNorm is per token, so normalising token 0 alone equals Meta's "LN over all tokens, then select 0".
-        pooled = self.head_layernorm(hidden[:, 0])
-        embeds = F.normalize(self.audio_projection(pooled), dim=-1) * self.logit_scale  # [B*, P]
-        if num_clips is not None:
-            # Mean in fp32 so that bf16 models do not lose the mean's precision; NOT renormalised (Meta).
-            embeds = embeds.float().unflatten(0, (-1, num_clips)).mean(dim=1).to(embeds.dtype)
+        embeds = imagebind_head(hidden, self.head_layernorm, self.audio_projection, num_clips, self.logit_scale)
 
         if not return_dict:
             return tuple(v for v in (embeds, hidden, all_hidden) if v is not None)
@@ -295,6 +290,15 @@ class ImageBindAudioModel(ImageBindAudioPreTrainedModel):
                 f"embed_audio expects [B, clips, 1, mel, frames], got shape {tuple(input_features.shape)}."
             )
         return self(input_features, return_dict=True).embeds
+
+    def embed_media(self, input_features: torch.Tensor) -> torch.Tensor:
+        """The entry point MM-LLaMA uses for audio (as `ImageBindVisionModel.embed_media` for images and videos):
+        `embed_audio` divided by the fixed logit scale, i.e. the mean of unit-norm clip embeddings `[B, P]`.
+
+        Meta's audio head multiplies each normalised clip embedding by 20, its vision head does not; the projector is
+        trained on vision embeddings (means of unit vectors), so audio reaches it on that same scale.
+        """
+        return self.embed_audio(input_features) / self.logit_scale
 
 
 __all__ = [

@@ -13,6 +13,9 @@ UniformTemporalSubsample(2), ShortSideScale(224), NormalizeVideo, SpatialCrop(22
 
 The sampling rules are small pure functions (`clip_timepoints`, `clip_frame_indices`, `crop_offsets`, ...) so they
 can be checked on their own. Errors for unusable media are `MediaLoadError`s naming the file and the problem.
+
+Why one module of ~500 lines: Meta's image and video transforms share their normalisation, file checks and
+sampling rules, and the one processor batches both; the audio side has its own module.
 """
 
 from __future__ import annotations

@@ -20,6 +20,9 @@ either dependency:
 
 Files are decoded with PyAV (FFmpeg): any audio file FFmpeg reads, and the best audio stream of video files.
 Unusable media raise `MediaLoadError` naming the file and the problem.
+
+Why one module of ~440 lines: decoding, resampling, clip sampling and the Kaldi fbank are the steps of one
+pipeline, each a small tested function.
 """
 
 from __future__ import annotations
@@ -29,7 +32,6 @@ import os
 import warnings
 from collections.abc import Sequence
 from functools import lru_cache
-from pathlib import Path
 from typing import Any, TypedDict, Union
 
 import numpy as np

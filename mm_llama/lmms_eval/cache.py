@@ -149,17 +149,18 @@ def _atomic_write(path: Path, data: bytes) -> None:
 
 
 class CachedMediaEmbedder(MediaEmbedder):
-    """A `MediaEmbedder` whose raw-media encodings go through an `EmbeddingCache` on disk.
+    """A `MediaEmbedder` whose raw image and video encodings go through an `EmbeddingCache` on disk.
 
     Build it with `CachedMediaEmbedder.for_model(...)` and call `open_cache(dir)`; without an open cache it embeds as
-    `MediaEmbedder` does.
+    `MediaEmbedder` does. Audio is never cached here: the fingerprint describes the vision encoder only. `stats` counts
+    each distinct medium once per process: found on disk, or embedded (and written).
     """
 
     def __init__(self, *args: Any, **kwargs: Any):
         super().__init__(*args, **kwargs)
         self.cache: EmbeddingCache | None = None
         self.stats = CacheStats()
-        self._by_hash: dict[tuple[str, str], torch.Tensor] = {}
+        self._counted: set[tuple[str, str]] = set()  # (type, content hash): a set, so memory stays small
         self._file_hashes: dict[tuple[str, int, int], str] = {}
 
     def open_cache(self, cache_dir: str | Path) -> EmbeddingCache:
@@ -181,21 +182,20 @@ class CachedMediaEmbedder(MediaEmbedder):
         return self._file_hashes[key]
 
     def encode_raw(self, media_type: str, source: Any) -> torch.Tensor:
-        """The cached embedding `[tokens_per_media, dim]` (or `[dim]`) of a raw image or video; embeds on a miss."""
-        if self.cache is None:
+        """The cached embedding `[dim]` of a raw image or video (read from disk, or embedded and written)."""
+        if self.cache is None or media_type not in ("image", "video"):
             return super().encode_raw(media_type, source)
         content_hash = self.content_hash(source)
         key = (media_type, content_hash)
-        if key in self._by_hash:  # seen earlier in this process: already counted
-            return self._by_hash[key]
         embedding = self.cache.get(media_type, content_hash)
-        if embedding is not None:
-            self.stats.hits += 1
-        else:
+        if embedding is None:
             embedding = super().encode_raw(media_type, source).float().cpu()
-            self.stats.misses += 1
             self.cache.put(media_type, content_hash, embedding)
-        self._by_hash[key] = embedding
+            if key not in self._counted:
+                self.stats.misses += 1
+        elif key not in self._counted:
+            self.stats.hits += 1
+        self._counted.add(key)
         return embedding
 
 

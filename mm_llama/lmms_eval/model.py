@@ -155,12 +155,12 @@ class MMLlamaLMM(lmms):
         """One document visual -> (`{"type", "embeds"}` content part, content sha256)."""
         if isinstance(visual, PIL.Image.Image):
             media_type, part = "image", {"type": "image", "image": visual}
-        elif isinstance(visual, (str, os.PathLike)):
+        elif isinstance(visual, (str, os.PathLike)) and infer_media_type(visual) in ("image", "video"):
             media_type = infer_media_type(visual)
             part = {"type": media_type, "path": str(visual)}
         else:
-            raise UnsupportedMediaError(f"a {type(visual).__name__} visual; MM-LLaMA takes PIL images and image or "
-                                        "video files")
+            raise UnsupportedMediaError(f"a {type(visual).__name__} visual ({str(visual)[:80]!r}); MM-LLaMA takes PIL "
+                                        "images and image or video files here")
         embeds = self.embedder.embed(part)
         source = part.get("image", part.get("path"))
         return {"type": media_type, "embeds": embeds}, self.embedder.content_hash(source)

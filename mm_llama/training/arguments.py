@@ -100,6 +100,17 @@ class DataArguments:
         default=0.0, metadata={"help": "Loss weight of prompt tokens relative to answer tokens (0: answers only)."}
     )
     train_on: Literal["all", "last"] = field(default="all", metadata={"help": "Train on all answers or the last."})
+    packing: bool = field(
+        default=False,
+        metadata={"help": "Padding-free packing: several whole conversations per training row of max_seq_len tokens, "
+                          "attention kept within each conversation (position_ids restart, no attention mask). "
+                          "per_device_train_batch_size then counts packed rows. Needs train_sampling_strategy: random."},
+    )
+    packing_method: Literal["best_fit_decreasing", "greedy"] = field(
+        default="best_fit_decreasing",
+        metadata={"help": "How conversations are grouped into rows: fullest rows (best_fit_decreasing) or dataset "
+                          "order (greedy)."},
+    )
     max_train_samples: int | None = field(default=None, metadata={"help": "Use only this many training rows."})
     max_eval_samples: int | None = field(default=None, metadata={"help": "Use only this many evaluation rows."})
 
@@ -153,9 +164,21 @@ class MMLlamaTrainingArguments(TrainingArguments):
     report_to: None | str | list[str] = field(
         default="tensorboard", metadata={"help": "Logging integrations; TensorBoard logs go to output_dir/runs."}
     )
+    loss_chunk_size: int | None = field(
+        default=1024,
+        metadata={"help": "Compute the loss this many trained positions at a time, never holding all [tokens, vocab] "
+                          "logits (same loss and gradients; Liger-Kernel's fused loss on CUDA when installed). "
+                          "null: the full logits."},
+    )
+    use_liger_loss: bool = field(
+        default=True, metadata={"help": "Use Liger-Kernel's fused linear cross-entropy on CUDA when it is installed."}
+    )
 
     def __post_init__(self):
         super().__post_init__()
+        if self.loss_chunk_size is not None and self.loss_chunk_size < 1:
+            raise ValueError(f"loss_chunk_size must be a positive number of positions or null, got "
+                             f"{self.loss_chunk_size}.")
         if self.remove_unused_columns:
             raise ValueError(
                 "remove_unused_columns must be false for MM-LLaMA training: the collator tokenizes the dataset's "

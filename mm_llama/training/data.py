@@ -9,6 +9,7 @@ import datasets
 from datasets import Dataset, DatasetDict
 
 from ..data.collator import conversation_lengths
+from ..data.packing import PackedDataset
 from ..processing_mm_llama import MMLlamaProcessor
 from .arguments import DataArguments
 
@@ -98,8 +99,9 @@ def filter_by_length(dataset: Dataset, max_seq_len: int, name: str = "dataset") 
 
 def prepare_split(
     data_args: DataArguments, processor: MMLlamaProcessor, split: str, seed: int, max_samples: int | None
-) -> Dataset | None:
-    """One split of all `dataset_paths`, mixed, with lengths, length policy applied, embeddings as numpy.
+) -> Dataset | PackedDataset | None:
+    """One split of all `dataset_paths`, mixed, with lengths, length policy applied, embeddings as numpy; the
+    training split packed into rows when `data_args.packing`.
 
     Returns None when no dataset has the split.
     """
@@ -120,7 +122,14 @@ def prepare_split(
     if data_args.truncation == "drop":
         dataset = filter_by_length(dataset, data_args.max_seq_len, name=f"{split} split")
     # Embeddings come out as float32 arrays rather than nested Python lists (much faster to batch).
-    return dataset.with_format("numpy", columns=["media_embeds"], output_all_columns=True)
+    dataset = dataset.with_format("numpy", columns=["media_embeds"], output_all_columns=True)
+    if data_args.packing and split == data_args.train_split:
+        packed = PackedDataset.from_lengths(dataset, dataset[LENGTH_COLUMN], data_args.max_seq_len,
+                                            method=data_args.packing_method, seed=seed)
+        logger.info("%s split: %d conversations packed into %d rows of %d tokens (%.2f%% filled).", split,
+                    len(dataset), len(packed), data_args.max_seq_len, 100 * packed.fill_ratio(data_args.max_seq_len))
+        return packed
+    return dataset
 
 
 def prepare_datasets(

@@ -10,8 +10,10 @@ from transformers import set_seed
 from transformers.trainer_utils import TrainOutput
 
 from ..data.collator import MMLlamaDataCollator
+from ..data.packing import PackingCollator
 from .arguments import RESUME_LATEST, DataArguments, LoraArguments, MMLlamaTrainingArguments, ModelArguments, parse_args
 from .data import check_datasets, prepare_datasets
+from .distributed_checks import check_distributed_compatibility
 from .setup import load_stage_model
 from .trainer import MMLlamaTrainer
 
@@ -25,6 +27,7 @@ def build_trainer(
     training_args: MMLlamaTrainingArguments,
 ) -> MMLlamaTrainer:
     """Model + processor for the stage, datasets, collator and trainer, ready for `.train()`."""
+    check_distributed_compatibility(model_args, training_args, data_args)  # before loading anything
     set_seed(training_args.seed)
     evaluates = training_args.eval_strategy != "no"
     check_datasets(data_args, evaluates and bool(data_args.eval_split))  # before minutes of model loading
@@ -45,6 +48,10 @@ def build_trainer(
         prompt_loss_weight=data_args.prompt_loss_weight,
         train_on=data_args.train_on,
     )
+    if data_args.packing:
+        # flash_attention_2 keeps sequences apart in a multi-row batch only through cu_seq_lens kwargs.
+        collator = PackingCollator(collator,
+                                   flash_attention_kwargs=model_args.attn_implementation == "flash_attention_2")
     return MMLlamaTrainer(
         model=model,
         args=training_args,

@@ -108,7 +108,9 @@ class MMLlamaTrainer(Trainer):
         num_items_in_batch: torch.Tensor | int | None = None,
     ):
         """The model's (weighted) loss with logits only at trained positions; records the metric sums."""
-        inputs = {**inputs, "logits_for_labels_only": True}
+        inputs = {**inputs, "logits_for_labels_only": True,
+                  "loss_chunk_size": getattr(self.args, "loss_chunk_size", None),
+                  "use_liger_loss": getattr(self.args, "use_liger_loss", True)}
         loss, outputs = super().compute_loss(model, inputs, return_outputs=True,
                                              num_items_in_batch=num_items_in_batch)
         with torch.no_grad():

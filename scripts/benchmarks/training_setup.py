@@ -1,22 +1,15 @@
-"""Helpers of `train_throughput.py` (beside it): a synthetic training set-up, step timing, padding waste, and a
-QLoRA memory calculation. Benchmark code, kept out of the library."""
+"""Helpers of `train_throughput.py` (beside it): a synthetic training set-up and a QLoRA memory calculation (its
+measurements are in speed_helpers.py). Benchmark code, kept out of the library."""
 
 from __future__ import annotations
 
 import random
-import resource
-import statistics
-import sys
-import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from transformers import TrainerCallback
 
-from mm_llama.data.collator import MMLlamaDataCollator
 
 _WORDS = ("the a red blue green yellow circle square triangle moves left right over under quickly slowly image video "
           "shows describe what which colour shape many how there is are small large bright dark person dog cat car "
@@ -70,87 +63,6 @@ def synthetic_setup(folder: Path, num_rows: int = 256, media_dim: int = 1024, hi
     return llama_dir, dataset_dir
 
 
-def padding_waste(trainer) -> dict[str, float]:
-    """Iterates one epoch of the trainer's train dataloader: share of padded positions, and the collator's time."""
-    real = padded = batches = 0
-    start = time.perf_counter()
-    for batch in trainer.get_train_dataloader():
-        real += int(batch["attention_mask"].sum())
-        padded += batch["attention_mask"].numel()
-        batches += 1
-    seconds = time.perf_counter() - start
-    return {"padding_waste": 1 - real / padded, "collate_ms_per_batch": 1000 * seconds / max(batches, 1),
-            "batches": batches}
-
-
-@dataclass
-class _StepTimer(TrainerCallback):
-    """Wall time of each optimizer step."""
-
-    def __post_init__(self):
-        self.times: list[float] = []
-        self._start = 0.0
-
-    def on_step_begin(self, args, state, control, **kwargs):
-        self._sync()
-        self._start = time.perf_counter()
-
-    def on_step_end(self, args, state, control, **kwargs):
-        self._sync()
-        self.times.append(time.perf_counter() - self._start)
-
-    @staticmethod
-    def _sync():
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
-
-
-class _CountingCollator:
-    """Wraps the collator to count real tokens and rows per micro-batch."""
-
-    def __init__(self, collator: MMLlamaDataCollator):
-        self.collator, self.tokens, self.rows = collator, [], []
-
-    def __call__(self, rows):
-        batch = self.collator(rows)
-        self.tokens.append(int(batch["attention_mask"].sum()))
-        self.rows.append(len(rows))
-        return batch
-
-
-def measure_steps(trainer, warmup_steps: int) -> dict[str, float]:
-    """Trains `trainer` (max_steps set by the caller) and reports steady-state throughput after `warmup_steps`."""
-    timer = _StepTimer()
-    trainer.add_callback(timer)
-    counting = _CountingCollator(trainer.data_collator)
-    trainer.data_collator = counting
-    if torch.cuda.is_available():
-        torch.cuda.reset_peak_memory_stats()
-    trainer.train()
-    accumulation = trainer.args.gradient_accumulation_steps
-    steps = timer.times[warmup_steps:]
-    # The dataloader may prefetch; count only the micro-batches of the measured steps.
-    first, last = warmup_steps * accumulation, len(timer.times) * accumulation
-    tokens, rows = sum(counting.tokens[first:last]), sum(counting.rows[first:last])
-    seconds = sum(steps)
-    result = {
-        "steps_measured": len(steps),
-        "step_seconds_median": statistics.median(steps),
-        "tokens_per_second": tokens / seconds,
-        "samples_per_second": rows / seconds,
-    }
-    if torch.cuda.is_available():
-        result["peak_gpu_memory_gib"] = torch.cuda.max_memory_allocated() / 2**30
-    result["peak_process_rss_gib"] = peak_rss_gib()
-    return result
-
-
-def peak_rss_gib() -> float:
-    """Peak resident memory of this process (ru_maxrss: KiB on Linux, bytes on macOS)."""
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return peak / (2**30 if sys.platform == "darwin" else 2**20)
-
-
 def estimate_qlora_stage2_memory_gib(
     batch_size: int = 8, seq_len: int = 512, trained_fraction: float = 1.0, lora_r: int = 64,
     num_lora_targets: int = 2, hidden: int = 4096, intermediate: int = 11008, layers: int = 32, vocab: int = 32000,
@@ -196,4 +108,4 @@ def estimate_qlora_stage2_memory_gib(
             "total_gib": sum(parts.values()), "weights_gib": weights / gib}
 
 
-__all__ = ["estimate_qlora_stage2_memory_gib", "measure_steps", "padding_waste", "peak_rss_gib", "synthetic_setup"]
+__all__ = ["estimate_qlora_stage2_memory_gib", "synthetic_setup"]

@@ -12,25 +12,34 @@ import math
 import os
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from PIL import Image
+from PIL import Image, ImageFile
 
-lmms_eval = pytest.importorskip(
-    "lmms_eval", reason="lmms-eval is not installed: the plugin needs the eval extra (pip install -e '.[eval]')"
-)
+# Importing lmms-eval changes two process-wide settings: lmms_eval.utils ignores every warning
+# (`warnings.filterwarnings("ignore")`) and lmms_eval.api.task sets PIL's ImageFile.LOAD_TRUNCATED_IMAGES = True (for
+# NoCaps' truncated images). Collecting this file must not change what the rest of the suite sees (tests there check
+# that truncated files are reported), so the imports run inside catch_warnings, PIL's setting is put back, and
+# `lmms_eval_process` sets lmms-eval's for the tests of this file only, as a real `python -m lmms_eval` process has it.
+PIL_LOADS_TRUNCATED_IMAGES = ImageFile.LOAD_TRUNCATED_IMAGES
+with warnings.catch_warnings():
+    lmms_eval = pytest.importorskip(
+        "lmms_eval", reason="lmms-eval is not installed: the plugin needs the eval extra (pip install -e '.[eval]')"
+    )
+    from lmms_eval.api.instance import Instance, unwrap_generation_output
+    from lmms_eval.evaluator import simple_evaluate
+    from lmms_eval.tasks import TaskManager
 
-from lmms_eval.api.instance import Instance, unwrap_generation_output
-from lmms_eval.evaluator import simple_evaluate
-from lmms_eval.tasks import TaskManager
+    from mm_llama.lmms_eval import model as plugin
+    from mm_llama.lmms_eval.model import MMLlamaLMM, cut_at_stop_sequences
+ImageFile.LOAD_TRUNCATED_IMAGES = PIL_LOADS_TRUNCATED_IMAGES
 
 from mm_llama.imagebind import ImageBindVisionConfig, ImageBindVisionModel, load_image, load_video
-from mm_llama.lmms_eval import model as plugin
 from mm_llama.lmms_eval.cache import media_content_hash
-from mm_llama.lmms_eval.model import MMLlamaLMM, cut_at_stop_sequences
 from test_data_build import IMAGE_SIZE, write_image, write_video
 from test_merge import REPO_ROOT, save_stage1
 
@@ -119,6 +128,12 @@ metadata:
 
 
 # ---------------------------------------------------------------------------------------------------- fixtures
+
+
+@pytest.fixture(autouse=True)
+def lmms_eval_process(monkeypatch):
+    """PIL as lmms-eval sets it in its own process (see the imports above), for this file's tests only."""
+    monkeypatch.setattr(ImageFile, "LOAD_TRUNCATED_IMAGES", True)
 
 
 @pytest.fixture(scope="module")

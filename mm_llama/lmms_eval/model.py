@@ -72,7 +72,7 @@ class MMLlamaLMM(lmms):
         batch_size: prompts per generation / scoring batch.
         max_new_tokens: upper bound on generated tokens per answer (the task's own value applies when it is lower;
             256 when neither gives one).
-        system_prompt: a system prompt (or a file holding one); none by default, as MM-LLaMA was trained.
+        system_prompt: a system prompt (or a file holding one); none by default.
         embedding_cache: folder of the embedding cache (default `$MM_LLAMA_EMBEDDING_CACHE` or
             `~/.cache/mm_llama/embeddings`); "none" or false turns it off.
         max_batch_size: accepted for lmms-eval's `--max_batch_size`; unused.

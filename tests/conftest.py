@@ -2,11 +2,28 @@
 
 from __future__ import annotations
 
+import importlib
 import io
+import os
 import random
 from pathlib import Path
 
 import pytest
+
+# CI installs every optional extra (and Chromium) and sets MM_LLAMA_REQUIRE_EXTRAS=1: a test of an extra then fails
+# instead of skipping when a piece is missing, so that CI never passes by skipping.
+EXTRAS_REQUIRED = os.environ.get("MM_LLAMA_REQUIRE_EXTRAS") == "1"
+
+
+def need(module: str, install: str, module_level: bool = False):
+    """Imports `module`, or skips the test (fails under MM_LLAMA_REQUIRE_EXTRAS=1) saying what to install."""
+    try:
+        return importlib.import_module(module)
+    except ImportError:
+        if EXTRAS_REQUIRED:
+            pytest.fail(f"needs {module}: {install}", pytrace=False)
+        pytest.skip(f"needs {module}: {install}", allow_module_level=module_level)
+
 
 # Text with what a LLaMA tokenizer must survive: runs of spaces, newlines, tabs, non-ASCII, markers.
 _CORPUS_LINES = [

@@ -20,6 +20,8 @@ import pytest
 import torch
 from PIL import Image, ImageFile
 
+from conftest import need
+
 # Importing lmms-eval changes two process-wide settings: lmms_eval.utils ignores every warning
 # (`warnings.filterwarnings("ignore")`) and lmms_eval.api.task sets PIL's ImageFile.LOAD_TRUNCATED_IMAGES = True (for
 # NoCaps' truncated images). Collecting this file must not change what the rest of the suite sees (tests there check
@@ -27,9 +29,7 @@ from PIL import Image, ImageFile
 # `lmms_eval_process` sets lmms-eval's for the tests of this file only, as a real `python -m lmms_eval` process has it.
 PIL_LOADS_TRUNCATED_IMAGES = ImageFile.LOAD_TRUNCATED_IMAGES
 with warnings.catch_warnings():
-    lmms_eval = pytest.importorskip(
-        "lmms_eval", reason="lmms-eval is not installed: the plugin needs the eval extra (pip install -e '.[eval]')"
-    )
+    lmms_eval = need("lmms_eval", "the plugin needs the eval extra (pip install -e '.[eval]')", module_level=True)
     from lmms_eval.api.instance import Instance, unwrap_generation_output
     from lmms_eval.evaluator import simple_evaluate
     from lmms_eval.tasks import TaskManager

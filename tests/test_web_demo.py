@@ -10,7 +10,6 @@ test computes with the same tiny ImageBind. The browser test needs Debian's `chr
 
 from __future__ import annotations
 
-import importlib
 import inspect
 import os
 import shutil
@@ -31,11 +30,10 @@ import torch
 from mm_llama.cli import main as cli
 from mm_llama.generation import GenerationSettings, MediaEmbedder
 from mm_llama.web import ERROR_TITLE, GenerationCancelled, WebChat, answered_turns
+from conftest import EXTRAS_REQUIRED, need
 from test_chat_cli import MAX_NEW_TOKENS, expected_answer, user
 from test_merge import REPO_ROOT, save_stage1
 
-# CI sets MM_LLAMA_REQUIRE_WEB_TESTS=1 after installing what they need, so that a missing piece fails, never skips.
-REQUIRED = os.environ.get("MM_LLAMA_REQUIRE_WEB_TESTS") == "1"
 QUESTION = "What is in the image?"
 FOLLOW_UP = "What colour is it?"
 CHROMIUM, CHROMEDRIVER = shutil.which("chromium"), shutil.which("chromedriver")
@@ -86,14 +84,6 @@ def follow_up_answer(setup, index: int) -> str:
     turns = [user(QUESTION, setup["images"][index]), {"role": "assistant", "content": setup["answers"][index]},
              user(FOLLOW_UP)]
     return expected_answer(setup["model"], setup["processor"], turns, [setup["vectors"][index]])
-
-
-def need(module: str, install: str):
-    """Imports `module`, or skips (fails under MM_LLAMA_REQUIRE_WEB_TESTS=1) naming what to install."""
-    try:
-        return importlib.import_module(module)
-    except ImportError:
-        (pytest.fail if REQUIRED else pytest.skip)(f"needs {module}: {install}")
 
 
 def final(replies) -> str | dict:
@@ -335,7 +325,7 @@ def web_server(setup, tmp_path_factory):
 @pytest.fixture
 def chromium():
     if CHROMIUM is None or CHROMEDRIVER is None:
-        (pytest.fail if REQUIRED else pytest.skip)(
+        (pytest.fail if EXTRAS_REQUIRED else pytest.skip)(
             "needs Chromium and its WebDriver (/usr/bin/chromium, /usr/bin/chromedriver): "
             "apt-get install chromium chromium-driver")
     return need("selenium.webdriver", 'pip install selenium (in the "dev" extra)')

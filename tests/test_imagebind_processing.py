@@ -4,6 +4,7 @@ the test, corrupt and empty files, and the batching processor."""
 from __future__ import annotations
 
 import math
+import sys
 
 import av
 import numpy as np
@@ -279,3 +280,14 @@ def test_processor_errors():
         processor(videos=[np.zeros((4, 32, 32, 3), np.uint8)] * 2, video_fps=[10])
     with pytest.raises(ValueError, match="num_crops"):
         ImageBindProcessor(num_crops=2)
+
+
+def test_decoder_noise_is_silenced_and_the_error_said_once(tmp_path, capfd):
+    """decord's C++ logger writes 'ERROR opening: ...' straight to file descriptor 2 before failing; the user sees
+    only our MediaLoadError (pytest's capfd captures the descriptor itself, not just sys.stderr)."""
+    bad = tmp_path / "bad.mp4"
+    bad.write_bytes(b"\x00\x00\x00\x18ftypmp42" + bytes(range(256)) * 4)
+    with pytest.raises(MediaLoadError, match="bad.mp4"):
+        load_video(bad)
+    print("after", file=sys.stderr)  # Python's stderr works again after the silenced block
+    assert capfd.readouterr().err == "after\n"

@@ -20,9 +20,11 @@ sampling rules, and the one processor batches both; the audio side has its own m
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
-from collections.abc import Sequence
+import sys
+from collections.abc import Iterator, Sequence
 from fractions import Fraction
 from pathlib import Path
 from typing import Any, TypedDict, Union
@@ -271,6 +273,22 @@ def _normalize(pixels: torch.Tensor, mean: Sequence[float], std: Sequence[float]
 # ----------------------------------------------------------------------------------------------------------------
 
 
+@contextlib.contextmanager
+def native_stderr_silenced() -> Iterator[None]:
+    """Points file descriptor 2 at /dev/null for the block: decord (and the FFmpeg inside it) prints its own error
+    lines straight to the process's stderr before failing, and the MediaLoadError raised here says it once, naming
+    the file. Python's own `sys.stderr` is flushed first and works again after the block."""
+    sys.stderr.flush()
+    saved, devnull = os.dup(2), os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, 2)
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(devnull)
+
+
 class _FrameSource:
     """Random access to a video's frames as uint8 `[T, H, W, 3]`: a decord reader over a file, or an in-memory array."""
 
@@ -301,7 +319,8 @@ class _FrameSource:
         self.name = repr(str(path))
         try:
             # As pytorchvideo's decord backend: native resolution, CPU.
-            self._reader = decord.VideoReader(str(path), ctx=decord.cpu(0), num_threads=0)
+            with native_stderr_silenced():
+                self._reader = decord.VideoReader(str(path), ctx=decord.cpu(0), num_threads=0)
             self.num_frames, self.fps = len(self._reader), float(self._reader.get_avg_fps())
         except Exception as err:  # decord raises its own DECORDError / RuntimeError types
             raise MediaLoadError(f"Video file {self.name} could not be decoded as a video ({err}).") from err
@@ -315,7 +334,8 @@ class _FrameSource:
         if self._reader is None:
             return self._frames[indices]
         try:
-            return self._reader.get_batch(indices).asnumpy()
+            with native_stderr_silenced():
+                return self._reader.get_batch(indices).asnumpy()
         except Exception as err:
             raise MediaLoadError(f"Video file {self.name}: frames {indices} could not be decoded ({err}).") from err
 

@@ -189,3 +189,30 @@ def test_lora_on_lm_head_trains_and_merges_and_unknown_targets_list_the_valid_na
                                          r"'o_proj', 'q_proj', 'up_proj', 'v_proj'\]"):
         build_trainer(*parse_args(stage2_args(stage1_dir, [dataset_dir], tmp_path / "bad")
                                   + ["--lora_target_modules", "qproj", "v_proj"]))
+
+
+def test_progress_bar_shows_loss_and_accuracy_instead_of_printing_every_log(llama_dir, dataset_dir, tmp_path):
+    from transformers import ProgressCallback
+
+    from mm_llama.training.trainer import TrainingProgressCallback
+
+    trainer = build_trainer(*parse_args(stage1_args(llama_dir, [dataset_dir], tmp_path, disable_tqdm="false")))
+    callbacks = [type(callback) for callback in trainer.callback_handler.callbacks]
+    assert TrainingProgressCallback in callbacks and ProgressCallback not in callbacks
+
+    class Bar:
+        postfix, written = None, []
+
+        def set_postfix(self, values):
+            Bar.postfix = values
+
+        def write(self, text):
+            Bar.written.append(text)
+
+    callback = next(c for c in trainer.callback_handler.callbacks if isinstance(c, TrainingProgressCallback))
+    callback.training_bar, state = Bar(), trainer.state
+    callback.on_log(trainer.args, state, None, logs={"loss": 1.23456, "token_accuracy": 0.5, "learning_rate": 2e-4,
+                                                     "grad_norm": 3.0})
+    assert Bar.postfix == {"loss": "1.23", "acc": "0.5", "lr": "0.0002"} and Bar.written == []
+    callback.on_log(trainer.args, state, None, logs={"eval_loss": 0.5, "eval_token_accuracy": 0.75})
+    assert len(Bar.written) == 1 and "eval_token_accuracy" in Bar.written[0]  # evaluations are still printed

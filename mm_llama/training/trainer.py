@@ -15,7 +15,7 @@ from typing import Any
 import safetensors.torch
 import torch
 from torch import nn
-from transformers import Trainer
+from transformers import ProgressCallback, Trainer
 
 from .setup import optimizer_param_groups
 
@@ -56,6 +56,18 @@ def answer_metrics(correct: float, answers: float, answer_loss_sum: float) -> di
     return {"token_accuracy": correct / answers, "answer_loss": answer_loss_sum / answers}
 
 
+class TrainingProgressCallback(ProgressCallback):
+    """The Trainer's progress bar, with the latest loss, answer-token accuracy and learning rate on the bar itself
+    instead of a printed dict per logging step; evaluation results and the final summary are still printed."""
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if state.is_world_process_zero and self.training_bar is not None and logs and "loss" in logs:
+            shown = {"loss": logs["loss"], "acc": logs.get("token_accuracy"), "lr": logs.get("learning_rate")}
+            self.training_bar.set_postfix({key: f"{value:.3g}" for key, value in shown.items() if value is not None})
+            return
+        super().on_log(args, state, control, logs=logs, **kwargs)
+
+
 class MMLlamaTrainer(Trainer):
     """Trainer for `MMLlamaForCausalLM` (plain or PEFT-wrapped), with batches from `MMLlamaDataCollator`.
 
@@ -86,6 +98,8 @@ class MMLlamaTrainer(Trainer):
         self._eval_sums = torch.zeros(_EVAL_SUMS, dtype=torch.float64, device=self.args.device)
         self._saving_checkpoint = False
         self.last_eval_answer_tokens = 0
+        if self.pop_callback(ProgressCallback) is not None:
+            self.add_callback(TrainingProgressCallback)
 
     # ---------------------------------------------------------------- loss
 
@@ -238,4 +252,4 @@ class MMLlamaTrainer(Trainer):
             super()._load_best_model()
 
 
-__all__ = ["MMLlamaTrainer", "TRAINABLE_WEIGHTS_NAME", "answer_metrics"]
+__all__ = ["MMLlamaTrainer", "TRAINABLE_WEIGHTS_NAME", "TrainingProgressCallback", "answer_metrics"]

@@ -90,3 +90,24 @@ def test_real_shapes_need_a_gpu(gpu_train, monkeypatch, capsys):
     with pytest.raises(SystemExit):
         gpu_train.main([])
     assert "--tiny" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_train_throughput_compares_orderings_and_losses_at_toy_sizes():
+    """scripts/benchmarks/train_throughput.py, the CPU benchmark behind BENCHMARKS.md, at toy sizes: every part runs
+    and its figures are consistent (packing pads least, the chunked loss gives the full loss's value)."""
+    script = ROOT / "scripts" / "benchmarks" / "train_throughput.py"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get(
+        "PYTHONPATH", "")]), "CUDA_VISIBLE_DEVICES": ""}
+    result = subprocess.run([sys.executable, str(script), "--threads", "1", "--steps", "1", "--warmup", "0",
+                             "--num_rows", "24", "--batch_size", "2", "--hidden_size", "32", "--loss_vocab", "512",
+                             "--loss_steps", "1"], env=env, capture_output=True, text=True, timeout=300, check=False)
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads(result.stdout)
+    ordering = report["ordering"]
+    assert ordering["packing"]["padding_share"] < ordering["group_by_length"]["padding_share"] < (
+        ordering["random"]["padding_share"])
+    assert ordering["packing"]["conversations"] == 24  # every conversation packed once
+    steps = report["loss"]["stage2_step"]
+    assert steps["full"]["first_loss"] == pytest.approx(steps["chunked 1024"]["first_loss"], rel=1e-4)
+    assert report["loss"]["loss_step_memory_ratio"] < 1

@@ -121,8 +121,8 @@ def tiny_stage2_model(vocab_size: int = 32000, hidden_size: int = 256, num_layer
     from transformers import LlamaConfig
 
     from mm_llama import MMLlamaConfig, MMLlamaForCausalLM
-    from mm_llama.training.arguments import LoraArguments
-    from mm_llama.training.setup import lora_config, upcast_trainable
+    from mm_llama.loading import lora_config
+    from mm_llama.training.setup import upcast_trainable
 
     torch.manual_seed(seed)
     text = LlamaConfig(vocab_size=vocab_size, hidden_size=hidden_size, intermediate_size=2 * hidden_size,
@@ -131,7 +131,7 @@ def tiny_stage2_model(vocab_size: int = 32000, hidden_size: int = 256, num_layer
     model = MMLlamaForCausalLM(MMLlamaConfig(text_config=text, media_embed_dim=media_dim))
     if torch.cuda.is_available():
         model = model.to("cuda", torch.bfloat16)
-    model = get_peft_model(model, lora_config(LoraArguments(lora_r=lora_r, lora_dropout=0.0)))
+    model = get_peft_model(model, lora_config(model, r=lora_r, dropout=0.0))
     upcast_trainable(model)
     return model
 

@@ -66,14 +66,15 @@ def synthetic_setup(folder: Path, num_rows: int = 256, media_dim: int = 1024, hi
 def estimate_qlora_stage2_memory_gib(
     batch_size: int = 8, seq_len: int = 512, trained_fraction: float = 1.0, lora_r: int = 64,
     num_lora_targets: int = 2, hidden: int = 4096, intermediate: int = 11008, layers: int = 32, vocab: int = 32000,
-    media_dim: int = 1024, cuda_overhead_gib: float = 0.8,
+    media_dim: int = 1024, cuda_overhead_gib: float = 0.8, loss_chunk_size: int | None = 1024,
 ) -> dict[str, Any]:
     """CALCULATION (not a measurement) of GPU memory for LLaMA-2-7B QLoRA stage 2 as `recipes/stage2_qlora.yaml`
     sets it up: nf4 + double quant linear layers, embeddings / LM head / norms / projector upcast to fp32 by
     `prepare_model_for_kbit_training`, fp32 LoRA (q/v) + projector with gradients and AdamW states, activation
     checkpointing (one bf16 hidden state kept per layer, one layer's activations live at a time), logits only at
     trained positions (`trained_fraction` of the tokens: ~1.0 when prompt_loss_weight > 0, since prompt text then
-    has a loss too).
+    has a loss too). With the chunked loss (`loss_chunk_size`, the default) only one chunk's logits and their
+    gradient exist at a time; `None` is the full loss, which holds them for every trained position.
     """
     gib = 2**30
     linear_params = layers * (4 * hidden * hidden + 3 * hidden * intermediate)
@@ -93,7 +94,8 @@ def estimate_qlora_stage2_memory_gib(
     # gate/up/act/product (4 x intermediate) in bf16, plus their gradients (x2); a dequantized bf16 weight.
     layer_live = 2 * tokens * (8 * hidden + 4 * intermediate) * 2 + hidden * intermediate * 2
     trained_tokens = tokens * trained_fraction
-    logits = trained_tokens * vocab * (4 + 4)  # fp32 logits + their gradient in the cross-entropy backward
+    live_positions = trained_tokens if loss_chunk_size is None else min(trained_tokens, loss_chunk_size)
+    logits = live_positions * vocab * (4 + 4)  # fp32 logits + their gradient in the cross-entropy backward
     parts = {
         "nf4 double-quant linear weights": quantized / gib,
         "fp32 embeddings + LM head + norms": (embed_and_head + norms) / gib,
@@ -101,7 +103,7 @@ def estimate_qlora_stage2_memory_gib(
         "gradients + AdamW states (trainable only)": optimizer_and_grads / gib,
         "activation checkpoints (bf16 hidden per layer)": checkpoints / gib,
         "one layer recomputed in backward": layer_live / gib,
-        "logits at trained positions (+grad)": logits / gib,
+        "logits (+grad): one loss chunk, or every trained position": logits / gib,
         "CUDA context / allocator slack (assumed)": cuda_overhead_gib,
     }
     return {"batch_size": batch_size, "seq_len": seq_len, "parts_gib": parts,

@@ -11,12 +11,16 @@ Files written under the corpus folder (names mirror the real datasets that the r
                                           LLaVA-Instruct-150K format (stage 2: multi-turn questions about an image)
     videochat/videochat_instruct.json + videochat/videos/<folder>/<name>.mp4
                                           VideoChat-11K format (stage 2: questions about a clip)
+    two_media/two_media.jsonl             the project's own record format (DESIGN.md; stage 2): chats with an image on
+                                          the first user turn and another image or a clip on a later one, so the
+                                          model knows that format (media paths relative to the corpus root)
     eval/eval.jsonl + eval/images/ + eval/videos/
                                           held-out generation eval (scripts/evaluate.py --qa_file format):
                                           {"id", "media", "media_type", "question", "answers", "type", "key", ...}
-    text/pretrain.jsonl                   the stand-in LLaMA's pre-training data: captions and text-only chats
-                                          about scenes told in words, so that it "knows the language" of the task
-                                          as LLaMA-2-chat knows English
+    text/pretrain.jsonl                   the stand-in LLaMA's pre-training data: captions, text-only chats about
+                                          scenes told in words, and chats whose media placeholders hold a scene
+                                          code, so that it "knows the language" of the task as LLaMA-2-chat knows
+                                          English and can read a vector at the placeholder
     text/pretrain.txt                     the same as plain text, for training the sentencepiece tokenizer
     corpus.json                           what was generated (counts, vocabulary, seed)
 """
@@ -69,10 +73,10 @@ class QuestionType:
 
 
 # The held-out question types. Shape ("What shape is it?") and direction of motion ("Which way does the shape
-# move?") were tried and dropped: the tiny ImageBind stand-in, pre-trained for a minute, separates them only
-# weakly (linear-probe accuracy ~0.49 for shapes, chance 0.33; ~0.25 for directions, chance 0.25), so no language
-# model could answer them from its embedding. Captions still mention shapes and directions, as real captions
-# mention details an encoder misses.
+# move?") were tried and dropped: the tiny ImageBind stand-in, pre-trained for a quarter of a minute, separates them
+# only weakly (held-out accuracy of its pre-training heads ~0.5 for shapes, chance 0.33; ~0.3 for directions, chance
+# 0.25), so no language model could answer them from its embedding. Captions still mention shapes and directions, as
+# real captions mention details an encoder misses.
 QUESTION_TYPES: dict[str, QuestionType] = {
     qt.name: qt
     for qt in (
@@ -451,12 +455,15 @@ def pretraining_items(rng: random.Random, count: int) -> list[dict]:
     "scene code" (`{"messages", "media": [{"type", "scene"}]}`), some of them with two media items.
 
     The first two teach the language of the task, as LLaMA-2-chat knows English and how to answer. The scene-code
-    chats stand for what a 7B model brings and a 1M-parameter one lacks: a way to read content from a vector at the
-    placeholder. A scene code is a fixed vector per attribute value (learned in pre-training, then thrown away),
-    summed over the scene's attributes; in these chats the answer is predictable from the code only. Stage 1 then has
-    something to align to: it must learn the map from ImageBind's embedding to a vector the frozen model reads
-    as the scene (measured numbers: BENCHMARKS.md / the demo's summary). The model never sees pixels or ImageBind
-    embeddings."""
+    chats stand for what a 7B model brings and a tiny one lacks: a way to read content from a vector at the
+    placeholder. A scene code is one learned vector per attribute value (`tiny_models.SceneCodes`, thrown away after
+    pre-training) summed over the scene's attributes; in these chats the answer is predictable from the code only.
+    Stage 1 then has something to align to: it must learn the map from ImageBind's embedding to a vector the frozen
+    model reads as the scene. The previous design put a "soft caption" there (the mean embedding of the caption's
+    tokens) and stage 1 stayed at chance: the model read it only weakly (answer loss 0.243 with the true soft caption
+    against 0.300 with a zero vector and 0.326 with another scene's), because of how it was pre-trained (see
+    `tiny_models.pretrain_tiny_llama`), not because of the soft caption itself. The model never sees pixels or
+    ImageBind embeddings."""
     items = []
     for _ in range(count):
         scene = _sample_scene(rng)
@@ -515,7 +522,7 @@ CORPUS_SIZES: dict[str, CorpusSize] = {
     "tiny": CorpusSize(caption_images=60, instruct_images=60, videos=40, eval_images=16, eval_videos=16,
                        pretrain_lines=400, two_media=10),
     "smoke": CorpusSize(caption_images=600, instruct_images=600, videos=400, eval_images=60, eval_videos=80,
-                        pretrain_lines=6000, two_media=60),
+                        pretrain_lines=20000, two_media=60),
     "full": CorpusSize(caption_images=2000, instruct_images=2000, videos=1200, eval_images=150, eval_videos=200,
                        pretrain_lines=20000, two_media=200),
 }

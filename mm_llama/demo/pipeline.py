@@ -44,10 +44,10 @@ class DemoSize:
 DEMO_SIZES: dict[str, DemoSize] = {
     "tiny": DemoSize(corpus="tiny", vocab_size=400, llama_steps=40, imagebind_held_out=100, imagebind_steps=20,
                      imagebind_examples=200, stage1_epochs=1, stage2_epochs=1),
-    "smoke": DemoSize(corpus="smoke", vocab_size=512, llama_steps=1000, imagebind_held_out=200, imagebind_steps=200,
-                      imagebind_examples=2000, stage1_epochs=4, stage2_epochs=4),
+    "smoke": DemoSize(corpus="smoke", vocab_size=512, llama_steps=1600, imagebind_held_out=200, imagebind_steps=200,
+                      imagebind_examples=2000, stage1_epochs=6, stage2_epochs=6),
     "full": DemoSize(corpus="full", vocab_size=512, llama_steps=1600, imagebind_held_out=400, imagebind_steps=300,
-                     imagebind_examples=3000, stage1_epochs=3, stage2_epochs=6),
+                     imagebind_examples=3000, stage1_epochs=3, stage2_epochs=4),
 }
 
 

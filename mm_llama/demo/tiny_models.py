@@ -287,7 +287,7 @@ def pretrain_tiny_llama(
     seed tried), a 64-wide 2-layer model with 2 heads (4x cheaper steps, 16-chat batches), a code table that learns
     10x faster than the model, and batches of chats of similar length (half of each step was padding before). The
     model's reading of codes decides whether stage 1 works: with 1000 steps some seeds read only 96-97% of held-out
-    answer tokens and their stage 1 reached 23-57% on image colour; with 1600 steps the eight seeds tried read >= 98%
+    answer tokens and their stage 1 reached 23-57% on image colour; with 1600 steps the six seeds tried read >= 98%
     and stage 1 reached 60-100% (smoke data) and 95-100% (full data). `code_noise` makes it read codes approximately, as stage 1's projector produces them.
 
     The model is built from the params.json fields with the converter's own `llama_config_from_params`, so that the

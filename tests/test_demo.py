@@ -146,12 +146,16 @@ def test_two_media_records(corpus):
 def test_pretraining_scene_codes(spm_model_path):
     """Pre-training chats carry each media item's scene; encoding them lists one code per placeholder, in order, and
     the embedding puts exactly those codes at the placeholders and leaves every other position alone."""
+    from conftest import tiny_llama_config_kwargs
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from conftest import tiny_llama_config_kwargs
     from mm_llama import MMLlamaProcessor, MMLlamaTokenizer
     from mm_llama.demo.corpus import SCENE_ATTRIBUTES, pretraining_items
-    from mm_llama.demo.tiny_models import SceneCodes, _embed_with_scene_codes, _encode_pretraining_item
+    from mm_llama.demo.tiny_models import (
+        SceneCodes,
+        _embed_with_scene_codes,
+        _encode_pretraining_item,
+    )
 
     items = [item for item in pretraining_items(random.Random(0), 300) if item.get("media")]
     assert any(len(item["media"]) == 2 for item in items), "the pre-training mix has two-media chats"
@@ -262,7 +266,7 @@ def test_sizes_differ_in_covered_area():
         pixels = np.asarray(render_image(scene, seed=0)).astype(int)
         short = min(scene.width, scene.height)
         covered[scene.size].append(((pixels.max(axis=2) - pixels.min(axis=2)) > 80).sum() / short**2)
-    assert max(covered["small"]) < 0.085 < 0.115 < min(covered["large"])
+    assert max(covered["small"]) < 0.085 and min(covered["large"]) > 0.115
 
 
 def test_video_answers_match_the_decoded_frames(corpus):
@@ -395,8 +399,12 @@ def test_tiny_llama_meta_checkpoint_converts_back_exactly(corpus, tokenizer_mode
 def test_tiny_imagebind_meta_layout_converts_back_exactly(tmp_path):
     """The stand-in's flat .pth (Meta's key layout) converted by the real converter gives identical embeddings."""
     from mm_llama.demo.tiny_models import imagebind_to_meta_state_dict
-    from mm_llama.imagebind import (ImageBindVisionConfig, ImageBindVisionModel, convert_imagebind_checkpoint,
-                                    official_vision_shapes)
+    from mm_llama.imagebind import (
+        ImageBindVisionConfig,
+        ImageBindVisionModel,
+        convert_imagebind_checkpoint,
+        official_vision_shapes,
+    )
 
     torch.manual_seed(0)
     config = ImageBindVisionConfig.from_preset("tiny", image_size=56)
@@ -462,10 +470,11 @@ def _two_media_answers(paths, count: int) -> tuple[list[str], list[str]]:
     """Greedy answers of the merged model to `count` two-media chats built from held-out items: an image and the
     reference answer to a colour question on turn 1, a second image or a clip with its question on turn 2. Returns
     the turn-2 answers and their reference key words."""
+    from transformers import AutoModelForCausalLM
+
     from mm_llama import MMLlamaProcessor
     from mm_llama.demo.corpus import read_eval_items
     from mm_llama.imagebind import ImageBindVisionModel, load_image, load_video
-    from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(paths.merged).eval()
     processor = MMLlamaProcessor.from_pretrained(str(paths.merged))

@@ -115,8 +115,8 @@ def _unpermute_rotate_half(weight: torch.Tensor, n_heads: int) -> torch.Tensor:
     return meta
 
 
-# Meta name -> HF name of the weights outside the layers. iter_hf_weights (conversion/meta_llama.py) writes these three
-# names inline rather than from a table; see the demo's report for the export that would let this be imported too.
+# Meta name -> HF name of the weights outside the layers: `iter_hf_weights` (conversion/meta_llama.py) names these three
+# inline rather than in a table, so they are restated here; the round-trip test checks them against the converter.
 _META_TO_HF_OUTSIDE_LAYERS = {"tok_embeddings.weight": "model.embed_tokens.weight", "norm.weight": "model.norm.weight",
                               "output.weight": "lm_head.weight"}
 
@@ -174,8 +174,10 @@ class SceneCodes(nn.Module):
         return self.table(flat, offsets)
 
 
-def _encode_pretraining_item(item: dict, processor, codes: SceneCodes,
-                             prompt_loss_weight: float = 1.0) -> tuple[list[int], list[int], list[list[int]]]:
+Encoded = tuple[list[int], list[int], list[list[int]]]  # (input ids, labels, scene-code rows per placeholder)
+
+
+def _encode_pretraining_item(item: dict, processor, codes: SceneCodes, prompt_loss_weight: float = 1.0) -> Encoded:
     """Token ids, labels and the scene-code rows of each media placeholder (in order) of one pre-training item.
 
     Chats are encoded by `MMLlamaProcessor` exactly as at chat time (the LLaMA-2 format, media markers and
@@ -189,8 +191,10 @@ def _encode_pretraining_item(item: dict, processor, codes: SceneCodes,
     return ids, [-100] + ids[1:], []
 
 
-def _batch(examples, pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[list[int]]]:
-    """(input_ids, attention_mask, labels, scenes in placeholder order) of encoded examples, right-padded."""
+def _batch(examples: list[Encoded], pad_id: int,
+           device: torch.device | str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[list[int]]]:
+    """(input_ids, attention_mask, labels `[batch, seq]`, scenes in placeholder order) of encoded examples,
+    right-padded."""
     length = max(len(ids) for ids, _, _ in examples)
     input_ids = torch.tensor([ids + [pad_id] * (length - len(ids)) for ids, _, _ in examples], device=device)
     labels = torch.tensor([lab + [-100] * (length - len(lab)) for _, lab, _ in examples], device=device)
@@ -199,7 +203,8 @@ def _batch(examples, pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor, t
     return input_ids, attention_mask, labels, [scene for _, _, scenes in examples for scene in scenes]
 
 
-def _length_grouped_batches(examples: list, batch_size: int, rng: random.Random) -> Iterator[list]:
+def _length_grouped_batches(examples: list[Encoded], batch_size: int,
+                            rng: random.Random) -> Iterator[list[Encoded]]:
     """Endless batches of examples of similar length, in random order, every example once per pass.
 
     Why: chats run from 10 to 100+ tokens; random batches padded to their longest member spent half of each step
@@ -213,7 +218,7 @@ def _length_grouped_batches(examples: list, batch_size: int, rng: random.Random)
 
 
 @torch.no_grad()
-def code_reading_accuracy(model, codes: SceneCodes, examples, media_token_id: int, pad_id: int,
+def code_reading_accuracy(model, codes: SceneCodes, examples: list[Encoded], media_token_id: int, pad_id: int,
                           batch_size: int = 64) -> dict[str, float]:
     """Answer-token accuracy of scene-code chats (`examples` encoded with answer-only labels) with each chat's own
     codes, and with the codes of other chats (rotated by one within each batch): the gap is what the model reads
@@ -293,9 +298,10 @@ def pretrain_tiny_llama(
     The model is built from the params.json fields with the converter's own `llama_config_from_params`, so that the
     Meta checkpoint written here converts back to exactly the trained model.
     """
+    from transformers import LlamaForCausalLM
+
     from mm_llama import MMLlamaProcessor, MMLlamaTokenizer
     from mm_llama.conversion.meta_llama import MetaLlamaParams, llama_config_from_params
-    from transformers import LlamaForCausalLM
 
     started = time.monotonic()
     spec = spec or TinyLlamaSpec()
@@ -563,6 +569,7 @@ def pretrain_tiny_imagebind(
 
 
 __all__ = [
-    "IMAGEBIND_IMAGE_SIZE", "TinyLlamaSpec", "hf_llama_to_meta_state_dict", "imagebind_to_meta_state_dict",
-    "pretrain_tiny_imagebind", "pretrain_tiny_llama", "train_tokenizer",
+    "IMAGEBIND_IMAGE_SIZE", "SceneCodes", "TinyLlamaSpec", "code_reading_accuracy", "codec_noise",
+    "h264_round_trip", "hf_llama_to_meta_state_dict", "imagebind_to_meta_state_dict", "pretrain_tiny_imagebind",
+    "pretrain_tiny_llama", "train_tokenizer",
 ]

@@ -29,7 +29,8 @@ from mm_llama.demo.corpus import (
     shape_centroid,
 )
 
-SMALL = CorpusSize(caption_images=8, instruct_images=8, videos=6, eval_images=4, eval_videos=4, pretrain_lines=40)
+SMALL = CorpusSize(caption_images=8, instruct_images=8, videos=6, eval_images=4, eval_videos=4, pretrain_lines=40,
+                   two_media=5)
 
 
 @pytest.fixture(scope="module")
@@ -126,30 +127,88 @@ def test_pretraining_text(corpus):
     assert "[INST]" in paths.pretrain_text.read_text()
 
 
-def test_soft_caption_items_and_their_embedding(spm_model_path):
+def test_two_media_records(corpus):
+    """The two-media conversations read with the project's own reader: an image on the first user turn, a second
+    image or a clip on a later one, both files existing."""
+    from mm_llama.data import SkipLog, read_records
+
+    paths, summary = corpus
+    skips = SkipLog()
+    records = list(read_records(paths.two_media_jsonl, paths.root, skips))
+    assert skips.total == 0 and len(records) == SMALL.two_media == summary["counts"]["two_media_records"]
+    for record in records:
+        assert len(record["media"]) == 2 and record["media"][0]["type"] == "image"
+        assert all(Path(item["path"]).is_file() for item in record["media"])
+        carriers = [i for i, m in enumerate(record["messages"]) if m["media_index"] is not None]
+        assert [record["messages"][i]["media_index"] for i in carriers] == [0, 1] and carriers[0] == 0 < carriers[1]
+
+
+def test_pretraining_scene_codes(spm_model_path):
+    """Pre-training chats carry each media item's scene; encoding them lists one code per placeholder, in order, and
+    the embedding puts exactly those codes at the placeholders and leaves every other position alone."""
+    from conftest import tiny_llama_config_kwargs
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from conftest import tiny_llama_config_kwargs
     from mm_llama import MMLlamaProcessor, MMLlamaTokenizer
-    from mm_llama.demo.corpus import pretraining_items
-    from mm_llama.demo.tiny_models import _embed_with_soft_captions, _encode_pretraining_item
+    from mm_llama.demo.corpus import SCENE_ATTRIBUTES, pretraining_items
+    from mm_llama.demo.tiny_models import (
+        SceneCodes,
+        _embed_with_scene_codes,
+        _encode_pretraining_item,
+    )
 
-    items = [item for item in pretraining_items(random.Random(0), 200) if "soft_caption" in item]
-    assert items, "the pre-training mix has soft-caption chats"
-    for item in items:
-        assert item["messages"][0]["media_index"] == 0 and len(item["media"]) == 1
-        assert item["media"][0]["type"] in ("image", "video")
+    items = [item for item in pretraining_items(random.Random(0), 300) if item.get("media")]
+    assert any(len(item["media"]) == 2 for item in items), "the pre-training mix has two-media chats"
     processor = MMLlamaProcessor(MMLlamaTokenizer(vocab_file=str(spm_model_path)))
-    ids, labels, caption = _encode_pretraining_item(items[0], processor)
-    assert ids.count(processor.media_token_id) == 1 and caption == processor.tokenizer.encode_text(items[0]["soft_caption"])
-    assert labels[ids.index(processor.media_token_id)] == -100  # the placeholder is never a target
     model = LlamaForCausalLM(LlamaConfig(**tiny_llama_config_kwargs()))
-    input_ids = torch.tensor([ids, [1] + [5] * (len(ids) - 1)])  # row 1: text only
-    embeds = _embed_with_soft_captions(model, input_ids, [caption, []], processor.media_token_id)
-    table = model.get_input_embeddings()
-    torch.testing.assert_close(embeds[0, ids.index(processor.media_token_id)], table(torch.tensor(caption)).mean(0))
+    codes = SceneCodes(model.config.hidden_size)
+    item = next(item for item in items if len(item["media"]) == 2)
+    for media in item["media"]:
+        assert set(media["scene"]) <= set(SCENE_ATTRIBUTES) and media["type"] in ("image", "video")
+    ids, labels, scenes = _encode_pretraining_item(item, processor, codes)
+    positions = [i for i, token in enumerate(ids) if token == processor.media_token_id]
+    assert len(positions) == len(scenes) == 2 and all(labels[i] == -100 for i in positions)
+    assert scenes == [codes.indices(media["scene"]) for media in item["media"]]
+    input_ids = torch.tensor([ids])
+    embeds = _embed_with_scene_codes(model, codes, input_ids, scenes, processor.media_token_id)
+    table = codes.table.weight
+    for position, rows in zip(positions, scenes):
+        torch.testing.assert_close(embeds[0, position], table[rows].sum(0))
     keep = input_ids != processor.media_token_id
-    torch.testing.assert_close(embeds[keep], table(input_ids)[keep])
+    torch.testing.assert_close(embeds[keep], model.get_input_embeddings()(input_ids)[keep])
+    with pytest.raises(ValueError, match="outside SCENE_ATTRIBUTES"):
+        codes.indices({"colour": "purple"})
+
+
+def test_scene_codes_distinguish_every_attribute_value():
+    """Two scenes that differ in one attribute get different codes (the difference of their two rows)."""
+    from mm_llama.demo.corpus import scene_attributes
+    from mm_llama.demo.tiny_models import SceneCodes
+
+    codes = SceneCodes(16)
+    scene = scene_attributes(sample_image_scene(random.Random(4)))
+    other = dict(scene, colour=next(c for c in COLOURS if c != scene["colour"]))
+    first, second = codes([codes.indices(scene), codes.indices(other)])
+    rows = codes.table.weight
+    torch.testing.assert_close(first - second, rows[codes.indices(scene)].sum(0) - rows[codes.indices(other)].sum(0))
+    assert not torch.allclose(first, second)
+
+
+def test_codec_noise_keeps_what_the_answers_name():
+    """The stand-in encoder's training noise (JPEG / H.264 round trips, colour gain) never changes a scene's colour
+    or background as a viewer would name them."""
+    from mm_llama.demo.tiny_models import codec_noise, h264_round_trip
+
+    rng = random.Random(0)
+    for i in range(6):
+        scene = sample_video_scene(rng, ("move", "turn")[i % 2])
+        frames = render_video_frames(scene, seed=i, indices=[0, VIDEO_FRAMES - 1])
+        assert h264_round_trip(frames, crf=35).shape == frames.shape
+        noisy = codec_noise(frames, rng, video=True)
+        assert noisy.shape == frames.shape and noisy.dtype == np.uint8
+        assert dominant_colour(noisy[-1]) == dominant_colour(frames[-1]) == (scene.new_colour or scene.colour)
+        corner = int(noisy[-1][:3, :3].mean())
+        assert min(BACKGROUNDS, key=lambda name: abs(BACKGROUNDS[name] - corner)) == scene.background
 
 
 def test_deterministic(tmp_path):
@@ -195,6 +254,19 @@ def test_shapes_are_drawn_as_named():
         crop = pixels[y0:y1, x0:x1]
         fill = ((crop.max(axis=2) - crop.min(axis=2)) > 80).mean()
         assert abs(fill - expected[scene.shape]) < 0.08, (scene.shape, fill)
+
+
+def test_sizes_differ_in_covered_area():
+    """Small and large shapes are told apart by how much of ImageBind's centre crop they cover, whatever the shape:
+    the largest small square covers less than the smallest large triangle."""
+    rng = random.Random(2)
+    covered = {"small": [], "large": []}
+    for _ in range(300):
+        scene = sample_image_scene(rng)
+        pixels = np.asarray(render_image(scene, seed=0)).astype(int)
+        short = min(scene.width, scene.height)
+        covered[scene.size].append(((pixels.max(axis=2) - pixels.min(axis=2)) > 80).sum() / short**2)
+    assert max(covered["small"]) < 0.085 and min(covered["large"]) > 0.115
 
 
 def test_video_answers_match_the_decoded_frames(corpus):
@@ -278,6 +350,20 @@ def test_tokenizer_has_llama_settings(tokenizer_model):
     assert sp.decode(sp.encode("naïve 42 [INST]")) == "naïve 42 [INST]"  # byte fallback: any text round-trips
 
 
+def test_tokenizer_from_lines_equals_tokenizer_from_file(corpus, tokenizer_model, tmp_path):
+    """`train_tokenizer` takes a text file or its lines and gives the same model; empty text is a clear error."""
+    from mm_llama.demo.tiny_models import train_tokenizer
+
+    paths, _ = corpus
+    lines = paths.pretrain_text.read_text(encoding="utf-8").splitlines()
+    from_lines = train_tokenizer(iter(lines), tmp_path, vocab_size=400)
+    assert from_lines.read_bytes() == tokenizer_model.read_bytes()
+    with pytest.raises(ValueError, match="empty"):
+        train_tokenizer(["", "  "], tmp_path / "empty")
+    with pytest.raises(FileNotFoundError):
+        train_tokenizer(tmp_path / "missing.txt", tmp_path / "missing")
+
+
 def test_tiny_llama_meta_checkpoint_converts_back_exactly(corpus, tokenizer_model, tmp_path):
     """The stand-in written in Meta's format, converted by the real converter, gives the trained model's logits."""
     from transformers import LlamaForCausalLM
@@ -313,8 +399,12 @@ def test_tiny_llama_meta_checkpoint_converts_back_exactly(corpus, tokenizer_mode
 def test_tiny_imagebind_meta_layout_converts_back_exactly(tmp_path):
     """The stand-in's flat .pth (Meta's key layout) converted by the real converter gives identical embeddings."""
     from mm_llama.demo.tiny_models import imagebind_to_meta_state_dict
-    from mm_llama.imagebind import (ImageBindVisionConfig, ImageBindVisionModel, convert_imagebind_checkpoint,
-                                    official_vision_shapes)
+    from mm_llama.imagebind import (
+        ImageBindVisionConfig,
+        ImageBindVisionModel,
+        convert_imagebind_checkpoint,
+        official_vision_shapes,
+    )
 
     torch.manual_seed(0)
     config = ImageBindVisionConfig.from_preset("tiny", image_size=56)
@@ -351,10 +441,10 @@ def test_demo_smoke_end_to_end(tmp_path):
 
     assert (paths.meta_llama / "consolidated.00.pth").is_file() and (paths.meta_llama / "params.json").is_file()
     assert paths.meta_imagebind.is_file()
-    for name in ("cc3m", "llava_instruct", "videochat"):
+    for name, media_per_row in (("cc3m", 1), ("llava_instruct", 1), ("videochat", 1), ("two_media", 2)):
         splits = load_from_disk(str(paths.dataset(name)))
         assert set(splits) == {"train", "validation"} and len(splits["train"]) > 0
-        assert np.asarray(splits["train"][0]["media_embeds"]).shape == (1, 1, 1024)
+        assert np.asarray(splits["train"][0]["media_embeds"]).shape == (media_per_row, 1, 1024)
         assert (paths.dataset(name) / "manifest.json").is_file()
     model = AutoModelForCausalLM.from_pretrained(paths.merged)
     assert type(model).__name__ == "MMLlamaForCausalLM"
@@ -362,11 +452,61 @@ def test_demo_smoke_end_to_end(tmp_path):
         assert list(paths.run(stage).rglob("events.out.tfevents.*")), f"no TensorBoard events for stage {stage}"
     assert paths.summary.is_file()
 
-    # It learns: every question type well above chance, the easiest image and video types nearly always right
-    # (measured at this size: 87-100% per type after stage 2; stage 1 alone stays near chance, see README).
-    final = summary["accuracy"]["after stage 2"]
+    # It learns. Measured at this size (seeds 0, 1, 2; this test runs seed 0): after stage 1 (LLM frozen, only the
+    # projector trained, on captions) image colour 60-100% and background 78-100%; after stage 2 every type 92-100%.
+    # The thresholds leave a margin for other machines, whose float arithmetic takes training elsewhere.
+    after_stage1, final = summary["accuracy"]["after stage 1"], summary["accuracy"]["after stage 2"]
+    assert after_stage1["image_colour"]["accuracy"] >= 0.4, after_stage1  # chance 25%
+    assert after_stage1["image_background"]["accuracy"] >= 0.5, after_stage1  # chance 33%
     for question_type, result in final.items():
-        assert result["accuracy"] > result["chance"] + 0.15, (question_type, final)
-    for media in ("image", "video"):
-        best = max(result["accuracy"] for question_type, result in final.items() if question_type.startswith(media))
-        assert best >= 0.8, (media, final)
+        assert result["accuracy"] >= 0.8, (question_type, final)
+
+    # A chat with a second media item on a later turn (a format the corpus teaches): the answer is about the second
+    # item and stays an answer (measured at this size, seeds 0, 1, 2: 19, 20, 19 of 20 right, no chat markup).
+    answers, keys = _two_media_answers(paths, count=20)
+    assert not any("INST" in answer or "<<" in answer for answer in answers), answers
+    assert sum(key in answer.lower().replace(".", " ").split() for answer, key in zip(answers, keys)) >= 16, answers
+
+
+def _two_media_answers(paths, count: int) -> tuple[list[str], list[str]]:
+    """Greedy answers of the merged model to `count` two-media chats built from held-out items: an image and the
+    reference answer to a colour question on turn 1, a second image or a clip with its question on turn 2. Returns
+    the turn-2 answers and their reference key words."""
+    from transformers import AutoModelForCausalLM
+
+    from mm_llama import MMLlamaProcessor
+    from mm_llama.demo.corpus import read_eval_items
+    from mm_llama.imagebind import ImageBindVisionModel, load_image, load_video
+
+    model = AutoModelForCausalLM.from_pretrained(paths.merged).eval()
+    processor = MMLlamaProcessor.from_pretrained(str(paths.merged))
+    encoder = ImageBindVisionModel.from_pretrained(paths.hf_imagebind).eval()
+    size = encoder.config.image_size
+
+    def embed(item: dict) -> torch.Tensor:
+        path = paths.corpus.eval_jsonl.parent / item["media"]
+        with torch.no_grad():
+            if item["media_type"] == "image":
+                return encoder.embed_images(load_image(path, image_size=size).unsqueeze(0))
+            return encoder.embed_videos(load_video(path, image_size=size).unsqueeze(0))
+
+    items = read_eval_items(paths.corpus.eval_jsonl)
+    firsts = [item for item in items if item["type"] == "image_colour"]
+    rng = random.Random(0)
+    answers, keys = [], []
+    for _ in range(count):
+        first, second = rng.choice(firsts), rng.choice(items)
+        conversation = {
+            "messages": [{"role": "user", "content": first["question"], "media_index": 0},
+                         {"role": "assistant", "content": first["answers"][0]},
+                         {"role": "user", "content": second["question"], "media_index": 1}],
+            "media": [{"type": "image"}, {"type": second["media_type"]}],
+        }
+        inputs = processor(conversation, media_embeds=torch.cat([embed(first), embed(second)]).unsqueeze(1),
+                           add_generation_prompt=True)
+        with torch.no_grad():
+            output = model.generate(**{k: v for k, v in inputs.items() if k != "labels"}, max_new_tokens=12,
+                                    do_sample=False, pad_token_id=processor.pad_token_id)
+        answers.append(processor.decode(output[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True).strip())
+        keys.append(second["key"])
+    return answers, keys

@@ -11,12 +11,16 @@ Files written under the corpus folder (names mirror the real datasets that the r
                                           LLaVA-Instruct-150K format (stage 2: multi-turn questions about an image)
     videochat/videochat_instruct.json + videochat/videos/<folder>/<name>.mp4
                                           VideoChat-11K format (stage 2: questions about a clip)
+    two_media/two_media.jsonl             the project's own record format (DESIGN.md; stage 2): chats with an image on
+                                          the first user turn and another image or a clip on a later one, so the
+                                          model knows that format (media paths relative to the corpus root)
     eval/eval.jsonl + eval/images/ + eval/videos/
                                           held-out generation eval (scripts/evaluate.py --qa_file format):
                                           {"id", "media", "media_type", "question", "answers", "type", "key", ...}
-    text/pretrain.jsonl                   the stand-in LLaMA's pre-training data: captions and text-only chats
-                                          about scenes told in words, so that it "knows the language" of the task
-                                          as LLaMA-2-chat knows English
+    text/pretrain.jsonl                   the stand-in LLaMA's pre-training data: captions, text-only chats about
+                                          scenes told in words, and chats whose media placeholders hold a scene
+                                          code, so that it "knows the language" of the task as LLaMA-2-chat knows
+                                          English and can read a vector at the placeholder
     text/pretrain.txt                     the same as plain text, for training the sentencepiece tokenizer
     corpus.json                           what was generated (counts, vocabulary, seed)
 """
@@ -50,6 +54,7 @@ SIZES: tuple[str, ...] = ("small", "large")
 VIDEO_FPS = 8
 VIDEO_SECONDS = 2  # ImageBind samples 5 clips of 2 s; a 2 s clip makes all five span the whole video
 VIDEO_FRAMES = VIDEO_FPS * VIDEO_SECONDS
+JPEG_QUALITY = 95
 
 
 @dataclass(frozen=True)
@@ -68,10 +73,10 @@ class QuestionType:
 
 
 # The held-out question types. Shape ("What shape is it?") and direction of motion ("Which way does the shape
-# move?") were tried and dropped: the tiny ImageBind stand-in, pre-trained for a minute, separates them only
-# weakly (linear-probe accuracy ~0.49 for shapes, chance 0.33; ~0.25 for directions, chance 0.25), so no language
-# model could answer them from its embedding. Captions still mention shapes and directions, as real captions
-# mention details an encoder misses.
+# move?") were tried and dropped: the tiny ImageBind stand-in, pre-trained for a quarter of a minute, separates them
+# only weakly (held-out accuracy of its pre-training heads ~0.5 for shapes, chance 0.33; ~0.3 for directions, chance
+# 0.25), so no language model could answer them from its embedding. Captions still mention shapes and directions, as
+# real captions mention details an encoder misses.
 QUESTION_TYPES: dict[str, QuestionType] = {
     qt.name: qt
     for qt in (
@@ -192,7 +197,11 @@ def sample_image_scene(rng: random.Random) -> ImageScene:
     long = short + rng.choice((0, 16, 32, 48))
     width, height = (long, short) if rng.random() < 0.5 else (short, long)
     size = rng.choice(SIZES)
-    side = int(short * (rng.uniform(0.25, 0.33) if size == "small" else rng.uniform(0.45, 0.58)))
+    # Sizes far apart in AREA, not only in side length: the stand-in encoder sees how much of the picture the shape
+    # covers much better than its outline, and with sides 0.25-0.33 / 0.45-0.58 of the short side a small square
+    # covered as much as a large triangle (measured: most size errors were such pairs). Now the largest small square
+    # covers 0.08 of the crop, the smallest large triangle 0.125.
+    side = int(short * (rng.uniform(0.2, 0.28) if size == "small" else rng.uniform(0.5, 0.62)))
     crop_x, crop_y = (width - short) // 2, (height - short) // 2
     x0 = crop_x + rng.randint(4, short - side - 4)
     y0 = crop_y + rng.randint(4, short - side - 4)
@@ -252,8 +261,11 @@ def render_video_frames(scene: VideoScene, seed: int, indices: Sequence[int] | N
     return np.stack(frames)
 
 
-def write_mp4(frames: np.ndarray, path: Path, fps: int = VIDEO_FPS) -> None:
-    """Encodes RGB frames as H.264 mp4 with PyAV (high quality, so colours survive the 4:2:0 chroma subsampling)."""
+def write_mp4(frames: np.ndarray, path: Path, fps: int = VIDEO_FPS, crf: int = 12) -> None:
+    """Encodes RGB frames as H.264 mp4 with PyAV (high quality, so colours survive the 4:2:0 chroma subsampling).
+
+    One encoder thread with the "ultrafast" preset: for 16 frames of ~100 px, x264's thread start-up and the slower
+    presets' analysis cost more than the encoding (measured: 3.9 ms per clip against 12.5 ms with "veryfast")."""
     import av
 
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -261,7 +273,7 @@ def write_mp4(frames: np.ndarray, path: Path, fps: int = VIDEO_FPS) -> None:
     with av.open(str(path), "w") as container:
         stream = container.add_stream("libx264", rate=fps)
         stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
-        stream.options = {"crf": "12", "preset": "veryfast"}
+        stream.options = {"crf": str(crf), "preset": "ultrafast", "threads": "1"}
         for array in frames:
             for packet in stream.encode(av.VideoFrame.from_ndarray(np.ascontiguousarray(array), format="rgb24")):
                 container.mux(packet)
@@ -349,6 +361,61 @@ def eval_items(item_id: str, media_type: str, media_path: str, scene: ImageScene
     return items
 
 
+# ------------------------------------------------------------------------------------------------- scene attributes
+# What a scene is, attribute by attribute: the tiny ImageBind is pre-trained to read these off the pixels, and the
+# tiny LLaMA is pre-trained with one "scene code" per media placeholder built from them (see `tiny_models`).
+SCENE_ATTRIBUTES: dict[str, tuple[str, ...]] = {
+    "kind": ("still", "move", "turn"),  # an image; a clip whose shape moves; a clip whose shape changes colour
+    "colour": tuple(COLOURS),           # an image's colour / a clip's first colour
+    "new_colour": tuple(COLOURS),       # the colour a "turn" clip ends with
+    "shape": SHAPES,
+    "background": tuple(BACKGROUNDS),
+    "size": SIZES,
+    "direction": DIRECTIONS,
+}
+
+
+def scene_attributes(scene: ImageScene | VideoScene) -> dict[str, str]:
+    """The attributes of a scene that apply to it (a still image has no direction, a moving clip no new colour)."""
+    if isinstance(scene, ImageScene):
+        return {"kind": "still", "colour": scene.colour, "shape": scene.shape, "background": scene.background,
+                "size": scene.size}
+    attributes = {"kind": scene.kind, "colour": scene.colour, "shape": scene.shape, "background": scene.background}
+    if scene.kind == "move":
+        attributes["direction"] = scene.direction
+    else:
+        attributes["new_colour"] = scene.new_colour
+    return attributes
+
+
+# ------------------------------------------------------------------------------------------------- two-media chats
+def _later_media_question(rng: random.Random) -> str:
+    """How a later user turn introduces its media item ("And this one?"), before the question about it."""
+    return rng.choice(("Now look at this one.", "Here is another one.", "And this one?", "Next one."))
+
+
+def two_media_pairs(first: ImageScene, second: ImageScene | VideoScene,
+                    rng: random.Random) -> list[tuple[str, str, int | None]]:
+    """(question, answer, media index or None) turns of a chat that shows an image on the first user turn and a
+    second image or a clip on a later one; questions after the second item are about it."""
+    first_pairs = image_qa_pairs(first, rng)[:rng.randint(1, 2)]
+    second_pairs = (image_qa_pairs(second, rng) if isinstance(second, ImageScene)
+                    else video_qa_pairs(second, rng))[:rng.randint(1, 2)]
+    turns: list[tuple[str, str, int | None]] = [(q, a, 0 if i == 0 else None) for i, (q, a) in enumerate(first_pairs)]
+    intro = _later_media_question(rng)
+    turns += [((f"{intro} {q}" if i == 0 else q), a, 1 if i == 0 else None) for i, (q, a) in enumerate(second_pairs)]
+    return turns
+
+
+def two_media_record(record_id: str, media: Sequence[dict], turns: Sequence[tuple[str, str, int | None]]) -> dict:
+    """A record in the project's own format (DESIGN.md) with two media items, for `build_datasets --source records`."""
+    messages = []
+    for question, answer, media_index in turns:
+        messages.append({"role": "user", "content": question, "media_index": media_index})
+        messages.append({"role": "assistant", "content": answer})
+    return {"id": record_id, "messages": messages, "media": list(media)}
+
+
 # ------------------------------------------------------------------------------------------------- pre-training text
 def text_conversation(pairs: Sequence[tuple[str, str]]) -> dict:
     """A text-only conversation record (DESIGN.md format, no media)."""
@@ -358,64 +425,89 @@ def text_conversation(pairs: Sequence[tuple[str, str]]) -> dict:
     return {"messages": messages}
 
 
-def media_conversation(pairs: Sequence[tuple[str, str]], media_type: str, caption: str) -> dict:
-    """A conversation whose first user turn carries a media placeholder that pre-training fills with a "soft
-    caption": the mean of the caption's token embeddings (see `mm_llama.demo.tiny_models.pretrain_tiny_llama`)."""
-    record = text_conversation(pairs)
-    record["messages"][0]["media_index"] = 0
-    record["media"] = [{"type": media_type}]
-    record["soft_caption"] = caption
-    return record
+def media_conversation(turns: Sequence[tuple[str, str, int | None]], scenes: Sequence[ImageScene | VideoScene]) -> dict:
+    """A conversation whose media placeholders pre-training fills with "scene codes" (one vector per media item,
+    a fixed function of the scene's attributes; see `mm_llama.demo.tiny_models.SceneCodes`). `turns` are
+    (question, answer, index of the media item shown on that turn or None)."""
+    messages = []
+    for question, answer, media_index in turns:
+        messages += [{"role": "user", "content": question, "media_index": media_index},
+                     {"role": "assistant", "content": answer}]
+    media = [{"type": "image" if isinstance(scene, ImageScene) else "video", "scene": scene_attributes(scene)}
+             for scene in scenes]
+    return {"messages": messages, "media": media}
+
+
+def _sample_scene(rng: random.Random) -> ImageScene | VideoScene:
+    return sample_image_scene(rng) if rng.random() < 0.55 else sample_video_scene(rng)
+
+
+def _scene_pairs(scene: ImageScene | VideoScene, rng: random.Random) -> tuple[list[tuple[str, str]], tuple[str, str]]:
+    """Questions about a scene with their answers, and a (describe request, caption) pair."""
+    if isinstance(scene, ImageScene):
+        return image_qa_pairs(scene, rng), (rng.choice(CAPTION_PROMPTS), scene.caption())
+    return video_qa_pairs(scene, rng), (rng.choice(VIDEO_DESCRIBE_QUESTIONS), scene.caption())
 
 
 def pretraining_items(rng: random.Random, count: int) -> list[dict]:
     """What the stand-in LLaMA is pre-trained on: plain captions (`{"text"}`, like web text), text-only chats
-    (`{"messages"}`) where a scene is told in words and then asked about, and chats where the scene is given as one
-    "soft caption" vector at the media placeholder (`{"messages", "media", "soft_caption"}`).
+    (`{"messages"}`) where a scene is told in words and then asked about, and chats whose media placeholders carry a
+    "scene code" (`{"messages", "media": [{"type", "scene"}]}`), some of them with two media items.
 
-    The first two teach the language of the task, as LLaMA-2-chat knows English and how to answer. The third
-    teaches the chat format with media markers and that the placeholder position carries content worth attending
-    to, a habit a 7B model brings to the task and a 1M-parameter one lacks: with it, stage 2 learns the image
-    questions within the demo's budget (one smoke run each, held-out colour 68% vs 37%, background 85% vs 40%,
-    size 95% vs 63% without it). The model never sees pixels or ImageBind embeddings: mapping those onto its input
-    space and answering from them is what stages 1 and 2 teach."""
+    The first two teach the language of the task, as LLaMA-2-chat knows English and how to answer. The scene-code
+    chats stand for what a 7B model brings and a tiny one lacks: a way to read content from a vector at the
+    placeholder. A scene code is one learned vector per attribute value (`tiny_models.SceneCodes`, thrown away after
+    pre-training) summed over the scene's attributes; in these chats the answer is predictable from the code only.
+    Stage 1 then has something to align to: it must learn the map from ImageBind's embedding to a vector the frozen
+    model reads as the scene. The previous design put a "soft caption" there (the mean embedding of the caption's
+    tokens) and stage 1 stayed at chance: the model read it only weakly (answer loss 0.243 with the true soft caption
+    against 0.300 with a zero vector and 0.326 with another scene's), because of how it was pre-trained (see
+    `tiny_models.pretrain_tiny_llama`), not because of the soft caption itself. The model never sees pixels or
+    ImageBind embeddings."""
     items = []
     for _ in range(count):
-        if rng.random() < 0.55:
-            media_type, scene = "image", sample_image_scene(rng)
-            context, pairs = "Here is a picture: " + scene.caption(), image_qa_pairs(scene, rng)
-            describe = (rng.choice(CAPTION_PROMPTS), scene.caption())
-        else:
-            media_type, scene = "video", sample_video_scene(rng)
-            context, pairs = "Here is a video: " + scene.caption(), video_qa_pairs(scene, rng)
-            describe = (rng.choice(VIDEO_DESCRIBE_QUESTIONS), scene.caption())
+        scene = _sample_scene(rng)
+        pairs, describe = _scene_pairs(scene, rng)
         style = rng.random()
-        if style < 0.1:
+        if style < 0.08:
             items.append({"text": scene.caption()})
-        elif style < 0.2:
-            items.append(text_conversation([(f"{context} {describe[0]}", describe[1])]))
-        elif style < 0.4:
-            (question, answer), rest = pairs[0], pairs[1:]
-            items.append(text_conversation([(f"{context} {question}", answer), *rest]))
-        elif style < 0.6:
-            items.append(media_conversation([describe], media_type, scene.caption()))
+        elif style < 0.24:
+            context = ("Here is a picture: " if isinstance(scene, ImageScene) else "Here is a video: ") + scene.caption()
+            first, *rest = [describe] if style < 0.12 else pairs
+            items.append(text_conversation([(f"{context} {first[0]}", first[1]), *rest]))
+        elif style < 0.9:
+            chosen = [describe] if style < 0.4 else pairs
+            items.append(media_conversation([(q, a, 0 if i == 0 else None) for i, (q, a) in enumerate(chosen)],
+                                            [scene]))
         else:
-            items.append(media_conversation(pairs, media_type, scene.caption()))
+            first, second = sample_image_scene(rng), _sample_scene(rng)
+            items.append(media_conversation(two_media_pairs(first, second, rng), [first, second]))
     return items
 
 
 def render_text(item: dict) -> str:
-    """One pre-training item as plain text in the LLaMA-2 chat layout (the tokenizer is trained on these lines)."""
+    """One pre-training item as plain text in the LLaMA-2 chat layout, media markers included (the tokenizer is
+    trained on these lines)."""
     if "text" in item:
         return item["text"]
+    media = item.get("media") or []
     turns = item["messages"]
-    return " ".join(f"[INST] {user['content']} [/INST] {answer['content']}" for user, answer in zip(turns[::2], turns[1::2]))
+    parts = []
+    for user, answer in zip(turns[::2], turns[1::2]):
+        marker = ""
+        if user.get("media_index") is not None:
+            opening, closing = ("<<IMG>>", "<</IMG>>") if media[user["media_index"]]["type"] == "image" else (
+                "<<VID>>", "<</VID>>")
+            marker = f" {opening}{closing}"
+        parts.append(f"[INST] {user['content']}{marker} [/INST] {answer['content']}")
+    return " ".join(parts)
 
 
 # ------------------------------------------------------------------------------------------------- sizes and writer
 @dataclass(frozen=True)
 class CorpusSize:
-    """How much to generate. Stage 1 and stage 2 use different images, as CC3M and COCO are different sets."""
+    """How much to generate. Stage 1 and stage 2 use different images, as CC3M and COCO are different sets.
+    `two_media` conversations reuse stage 2's images and clips, paired at random."""
 
     caption_images: int
     instruct_images: int
@@ -423,15 +515,16 @@ class CorpusSize:
     eval_images: int
     eval_videos: int
     pretrain_lines: int
+    two_media: int = 0
 
 
 CORPUS_SIZES: dict[str, CorpusSize] = {
     "tiny": CorpusSize(caption_images=60, instruct_images=60, videos=40, eval_images=16, eval_videos=16,
-                       pretrain_lines=400),
+                       pretrain_lines=400, two_media=10),
     "smoke": CorpusSize(caption_images=600, instruct_images=600, videos=400, eval_images=60, eval_videos=80,
-                        pretrain_lines=6000),
+                        pretrain_lines=20000, two_media=60),
     "full": CorpusSize(caption_images=2000, instruct_images=2000, videos=1200, eval_images=150, eval_videos=200,
-                       pretrain_lines=20000),
+                       pretrain_lines=20000, two_media=200),
 }
 
 
@@ -446,6 +539,7 @@ class CorpusPaths:
     instruct_images: Path
     videochat_json: Path
     videochat_videos: Path
+    two_media_jsonl: Path
     eval_jsonl: Path
     pretrain_jsonl: Path
     pretrain_text: Path
@@ -462,6 +556,7 @@ class CorpusPaths:
             instruct_images=root / "instruct" / "images",
             videochat_json=root / "videochat" / "videochat_instruct.json",
             videochat_videos=root / "videochat" / "videos",
+            two_media_jsonl=root / "two_media" / "two_media.jsonl",
             eval_jsonl=root / "eval" / "eval.jsonl",
             pretrain_jsonl=root / "text" / "pretrain.jsonl",
             pretrain_text=root / "text" / "pretrain.txt",
@@ -482,26 +577,40 @@ def _dump_json(data, path: Path) -> None:
     path.write_text(json.dumps(data, indent=1) + "\n", encoding="utf-8")
 
 
+def _write_jsonl(items: Iterable[dict], path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w", encoding="utf-8") as f:
+        for item in items:
+            f.write(json.dumps(item) + "\n")
+
+
 def generate_corpus(output_dir: str | Path, size: CorpusSize | str = "smoke", seed: int = 0,
                     progress: bool = True) -> tuple[CorpusPaths, dict]:
     """Writes the whole corpus under `output_dir`; returns its paths and a summary (also saved as corpus.json).
 
-    Deterministic for a given (size, seed). Eval media are drawn from their own random stream, so they are never
-    copies of training media (the scenes come from the same distribution, as a held-out split should).
+    Deterministic for a given (size, seed) and media stack. Eval media are drawn from their own random stream, so
+    they are never copies of training media (the scenes come from the same distribution, as a held-out split
+    should). The two-media conversations (`two_media/two_media.jsonl`, the project's own record format, media paths
+    relative to the corpus root) pair stage 2's images and clips.
     """
     size = CORPUS_SIZES[size] if isinstance(size, str) else size
     paths = CorpusPaths.under(Path(output_dir))
     for folder in (paths.cc3m_images, paths.instruct_images, paths.videochat_videos, paths.eval_jsonl.parent / "images",
                    paths.eval_jsonl.parent / "videos", paths.pretrain_text.parent):
         folder.mkdir(parents=True, exist_ok=True)
+    stage2_media: list[tuple[dict, ImageScene | VideoScene]] = []  # ({"type", "path"}, scene), for two-media chats
 
-    def images(stream: str, count: int, folder: Path, prefix: str, make: Callable[[str, str, ImageScene, random.Random], object]):
+    def images(stream: str, count: int, folder: Path, prefix: str,
+               make: Callable[[str, str, ImageScene, random.Random], dict]) -> list[dict]:
         rng, records = random.Random(f"{seed}-{stream}"), []
         for i in _progress(range(count), count, f"{stream} images", progress):
             scene = sample_image_scene(rng)
             name = f"{prefix}{i:06d}.jpg"
-            render_image(scene, seed=rng.getrandbits(32)).save(folder / name, quality=95)
+            render_image(scene, seed=rng.getrandbits(32)).save(folder / name, quality=JPEG_QUALITY)
             records.append(make(f"{prefix}{i:06d}", name, scene, rng))
+            if stream == "instruct":
+                path = (folder / name).relative_to(paths.root).as_posix()
+                stage2_media.append(({"type": "image", "path": path}, scene))
         return records
 
     cc3m = images("cc3m", size.caption_images, paths.cc3m_images, "GCC_train_", caption_record)
@@ -515,31 +624,36 @@ def generate_corpus(output_dir: str | Path, size: CorpusSize | str = "smoke", se
         relative = f"{i // 50 * 50:06d}_{i // 50 * 50 + 49:06d}/{1000000 + i}.mp4"  # WebVid-style <folder>/<name>
         write_mp4(render_video_frames(scene, seed=rng.getrandbits(32)), paths.videochat_videos / relative)
         videochat.append(videochat_record(relative, scene, rng))
+        path = (paths.videochat_videos / relative).relative_to(paths.root).as_posix()
+        stage2_media.append(({"type": "video", "path": path}, scene))
     _dump_json(videochat, paths.videochat_json)
+
+    rng, two_media = random.Random(f"{seed}-two-media"), []
+    images_only = [item for item in stage2_media if item[0]["type"] == "image"]
+    for i in range(size.two_media if images_only else 0):
+        (first_media, first), (second_media, second) = rng.choice(images_only), rng.choice(stage2_media)
+        two_media.append(two_media_record(f"two_media_{i:06d}", [first_media, second_media],
+                                          two_media_pairs(first, second, rng)))
+    _write_jsonl(two_media, paths.two_media_jsonl)
 
     rng, evaluation = random.Random(f"{seed}-eval"), []
     eval_dir = paths.eval_jsonl.parent
     for i in _progress(range(size.eval_images), size.eval_images, "eval images", progress):
         scene = sample_image_scene(rng)
         relative = f"images/eval_{i:05d}.jpg"
-        render_image(scene, seed=rng.getrandbits(32)).save(eval_dir / relative, quality=95)
+        render_image(scene, seed=rng.getrandbits(32)).save(eval_dir / relative, quality=JPEG_QUALITY)
         evaluation += eval_items(f"img{i:05d}", "image", relative, scene)
     for i in _progress(range(size.eval_videos), size.eval_videos, "eval videos", progress):
         scene = sample_video_scene(rng, kind=("move", "turn")[i % 2])
         relative = f"videos/eval_{i:05d}.mp4"
         write_mp4(render_video_frames(scene, seed=rng.getrandbits(32)), eval_dir / relative)
         evaluation += eval_items(f"vid{i:05d}", "video", relative, scene)
-    with paths.eval_jsonl.open("w", encoding="utf-8") as f:
-        for item in evaluation:
-            f.write(json.dumps(item) + "\n")
+    _write_jsonl(evaluation, paths.eval_jsonl)
 
     pretrain = pretraining_items(random.Random(f"{seed}-text"), size.pretrain_lines)
-    with paths.pretrain_jsonl.open("w", encoding="utf-8") as f:
-        for item in pretrain:
-            f.write(json.dumps(item) + "\n")
+    _write_jsonl(pretrain, paths.pretrain_jsonl)
     # The tokenizer's training text: everything a model of the demo reads or writes, including the chat markup.
-    lines = [render_text(item) for item in pretrain] + list(CAPTION_PROMPTS) + [
-        "<<SYS>>", "<</SYS>>", "<<IMG>>", "<</IMG>>", "<<VID>>", "<</VID>>"]
+    lines = [render_text(item) for item in pretrain] + list(CAPTION_PROMPTS) + ["<<SYS>>", "<</SYS>>"]
     paths.pretrain_text.write_text("\n".join(lines) + "\n", encoding="utf-8")
 
     summary = {
@@ -549,6 +663,7 @@ def generate_corpus(output_dir: str | Path, size: CorpusSize | str = "smoke", se
             "cc3m_records": len(cc3m),
             "instruct_records": len(instruct),
             "videochat_records": len(videochat),
+            "two_media_records": len(two_media),
             "eval_questions": len(evaluation),
             "eval_questions_by_type": {name: sum(item["type"] == name for item in evaluation) for name in QUESTION_TYPES},
             "pretrain_items": len(pretrain),
@@ -596,5 +711,6 @@ __all__ = [
     "BACKGROUNDS", "COLOURS", "CORPUS_SIZES", "CorpusPaths", "CorpusSize", "DIRECTIONS", "QUESTION_TYPES",
     "QuestionType", "SHAPES", "ImageScene", "VideoScene", "generate_corpus", "read_eval_items", "dominant_colour",
     "shape_centroid", "render_image", "render_video_frames", "sample_image_scene", "sample_video_scene",
-    "media_conversation", "pretraining_items", "render_text", "write_mp4",
+    "media_conversation", "pretraining_items", "render_text", "write_mp4", "SCENE_ATTRIBUTES", "scene_attributes",
+    "two_media_pairs", "two_media_record", "JPEG_QUALITY",
 ]

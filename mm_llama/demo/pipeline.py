@@ -32,6 +32,7 @@ class DemoSize:
     llama_steps: int
     imagebind_held_out: int
     imagebind_steps: int
+    imagebind_examples: int  # distinct scenes the stand-in ImageBind is pre-trained on
     stage1_epochs: float
     stage2_epochs: float
     max_steps: int | None = None  # overrides the epochs of both stages (--steps)
@@ -39,11 +40,11 @@ class DemoSize:
 
 DEMO_SIZES: dict[str, DemoSize] = {
     "tiny": DemoSize(corpus="tiny", vocab_size=400, llama_steps=40, imagebind_held_out=100, imagebind_steps=20,
-                     stage1_epochs=1, stage2_epochs=1),
-    "smoke": DemoSize(corpus="smoke", vocab_size=512, llama_steps=150, imagebind_held_out=300, imagebind_steps=300,
-                      stage1_epochs=8, stage2_epochs=12),
-    "full": DemoSize(corpus="full", vocab_size=512, llama_steps=250, imagebind_held_out=400, imagebind_steps=600,
-                     stage1_epochs=6, stage2_epochs=12),
+                     imagebind_examples=200, stage1_epochs=1, stage2_epochs=1),
+    "smoke": DemoSize(corpus="smoke", vocab_size=512, llama_steps=1600, imagebind_held_out=200, imagebind_steps=200,
+                      imagebind_examples=2000, stage1_epochs=6, stage2_epochs=6),
+    "full": DemoSize(corpus="full", vocab_size=512, llama_steps=1600, imagebind_held_out=400, imagebind_steps=300,
+                     imagebind_examples=3000, stage1_epochs=3, stage2_epochs=4),
 }
 
 
@@ -281,6 +282,7 @@ def run_demo(config: DemoConfig, run_command: CommandRunner, reporter: Reporter 
     with reporter.step(STEP_TITLES[3]) as step:
         imagebind = pretrain_tiny_imagebind(paths.meta_imagebind, image_size=IMAGEBIND_IMAGE_SIZE,
                                             held_out_examples=size.imagebind_held_out, steps=size.imagebind_steps,
+                                            training_examples=size.imagebind_examples,
                                             seed=config.seed, device=device,
                                             on_step=_progress_bar("pre-training tiny ImageBind", config.progress))
         accuracy = ", ".join(f"{k} {v:.0%}" for k, v in imagebind["held_out_attribute_accuracy"].items())
@@ -299,6 +301,8 @@ def run_demo(config: DemoConfig, run_command: CommandRunner, reporter: Reporter 
                                paths.corpus.instruct_images],
             "videochat": ["--source", "videochat", "--json", paths.corpus.videochat_json, "--media-dir",
                           paths.corpus.videochat_videos],
+            "two_media": ["--source", "records", "--json", paths.corpus.two_media_jsonl, "--media-dir",
+                          paths.corpus.root],
         }
         summary["datasets"] = {}
         for name, source in builds.items():
@@ -323,6 +327,7 @@ def run_demo(config: DemoConfig, run_command: CommandRunner, reporter: Reporter 
     with reporter.step(STEP_TITLES[6]) as step:
         run_step("train", [RECIPES_DIR / "stage2.yaml", "--model_name_or_path", paths.run(1),
                                 "--dataset_paths", paths.dataset("llava_instruct"), paths.dataset("videochat"),
+                                paths.dataset("two_media"),
                                 "--output_dir", paths.run(2), "--num_train_epochs", size.stage2_epochs,
                                 *train_common], reporter)
         summary["stage2"] = _train_metrics(paths.run(2))

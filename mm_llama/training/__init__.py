@@ -1,23 +1,28 @@
-"""Two-stage training on the HF Trainer: argument dataclasses, stage set-up, `MMLlamaTrainer` and the run."""
+"""Two-stage training on the HF Trainer: argument dataclasses, stage set-up, `MMLlamaTrainer` and the run.
 
-from .arguments import DataArguments, LoraArguments, MMLlamaTrainingArguments, ModelArguments, parse_args
-from .data import prepare_datasets
-from .run import build_trainer, train
-from .setup import freeze_for_stage1, load_stage_model, optimizer_param_groups
-from .trainer import TRAINABLE_WEIGHTS_NAME, MMLlamaTrainer
+The names below are imported on first use, so that the model set-up (`mm_llama.training.setup`) works without
+`datasets` (the GPU benchmark runs where only torch, transformers and peft are installed).
+"""
 
-__all__ = [
-    "DataArguments",
-    "LoraArguments",
-    "MMLlamaTrainer",
-    "MMLlamaTrainingArguments",
-    "ModelArguments",
-    "TRAINABLE_WEIGHTS_NAME",
-    "build_trainer",
-    "freeze_for_stage1",
-    "load_stage_model",
-    "optimizer_param_groups",
-    "parse_args",
-    "prepare_datasets",
-    "train",
-]
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+_PUBLIC_NAMES = {
+    "DataArguments": "arguments", "LoraArguments": "arguments", "MMLlamaTrainingArguments": "arguments",
+    "ModelArguments": "arguments", "parse_args": "arguments",
+    "prepare_datasets": "data",
+    "build_trainer": "run", "train": "run",
+    "freeze_for_stage1": "setup", "load_stage_model": "setup", "optimizer_param_groups": "setup",
+    "TRAINABLE_WEIGHTS_NAME": "trainer", "MMLlamaTrainer": "trainer",
+}  # fmt: skip
+
+
+def __getattr__(name: str) -> Any:
+    if name in _PUBLIC_NAMES:
+        return getattr(importlib.import_module(f".{_PUBLIC_NAMES[name]}", __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+__all__ = sorted(_PUBLIC_NAMES)

@@ -111,6 +111,35 @@ def test_interactive_without_streaming_and_reset(setup, monkeypatch, capsys):
     assert out == "".join(f"Assistant: {answer}\n" for answer in expected)
 
 
+def test_a_second_media_item_on_a_later_turn_goes_in_that_turn(setup):
+    """An image on turn 1, a video on turn 2 (the issue's leaking-marker case): the session's prompt has each marker
+    in the turn that brought it (the ids equal the processor's, whose Meta-style ids test_processing checks), and
+    the answer is the model's greedy answer to exactly that conversation with both vectors in order."""
+    from mm_llama.chat import ChatSession
+    from mm_llama.generation import GenerationSettings, MediaEmbedder
+
+    root, stage1, embeds, model, processor = setup
+    (image, image_vector), (video, video_vector) = embeds[0], embeds[2]
+    session = ChatSession(model, processor, MediaEmbedder.for_model(model, processor, device="cpu"),
+                          GenerationSettings(temperature=0.0, max_new_tokens=MAX_NEW_TOKENS))
+    session.attach("image", image)
+    answer1 = session.respond("What is it?")
+    session.attach("video", video)
+    conversation = session.conversation("And this clip?")
+    encoded = processor.encode_conversation(conversation, add_generation_prompt=True)
+    assert encoded.text.endswith(
+        f"[INST] What is it? <<IMG>><unk><</IMG>> [/INST] {answer1} </s><s>[INST] And this clip? "
+        "<<VID>><unk><</VID>> [/INST]")
+    answer2 = session.respond("And this clip?")
+    expected = expected_answer(model, processor, [user("What is it?", image), {"role": "assistant", "content": answer1},
+                                                  user("And this clip?", video, "video")],
+                               [image_vector, video_vector])
+    assert answer2 == expected and "[/INST]" not in answer2
+    session.attach("image", image)
+    with pytest.raises(ValueError, match="one image, video or audio per user turn"):
+        session.attach("video", video)
+
+
 def test_one_shot_prompt_and_bad_media_path(setup, capsys):
     root, stage1, embeds, model, processor = setup
     image, vector = embeds[2]  # a .safetensors file

@@ -510,3 +510,47 @@ def _two_media_answers(paths, count: int) -> tuple[list[str], list[str]]:
         answers.append(processor.decode(output[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True).strip())
         keys.append(second["key"])
     return answers, keys
+
+
+def test_same_seed_same_table_and_a_closing_summary_with_commands_to_paste(tmp_path, capfd):
+    """Two tiny-size runs with one seed give identical predictions and tables (every step seeded: corpus, tokenizer,
+    both stand-ins, dataset splits, training, greedy generation); the run ends with the time per step and commands
+    that name the merged model, the ImageBind folder and held-out media."""
+    import io
+
+    from mm_llama.cli import run_command
+    from mm_llama.demo.pipeline import STEP_NAMES, STEP_TITLES, DemoConfig, DemoPaths, Reporter, run_demo
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    runs, outputs = [], []
+    try:
+        for name in ("a", "b"):
+            stream = io.StringIO()
+            config = DemoConfig(output=tmp_path / name, size="tiny", device="cpu", seed=3, progress=False)
+            runs.append(run_demo(config, run_command, Reporter(len(STEP_TITLES), run_command, stream=stream)))
+            outputs.append(stream.getvalue())
+    finally:
+        torch.set_num_threads(threads)
+    first, second = (DemoPaths(tmp_path / name) for name in ("a", "b"))
+    for evaluation in ("after_stage_1", "after_stage_2"):
+        predictions = [[example["prediction"] for example in json.loads(paths.evaluation(evaluation).read_text())[
+            "generation_eval"]["examples"]] for paths in (first, second)]
+        assert predictions[0] == predictions[1] and len(predictions[0]) > 0
+    assert runs[0]["accuracy"] == runs[1]["accuracy"]
+    assert runs[0]["stage2"]["train_loss"] == runs[1]["stage2"]["train_loss"]
+
+    assert list(runs[0]["timings_s"]) == list(STEP_NAMES)
+    closing = outputs[0][outputs[0].index("Demo finished"):]
+    for name in STEP_NAMES:
+        assert f"] {name} " in closing
+    model = f"{first.merged} --imagebind {first.hf_imagebind}"
+    commands = [line.strip() for line in closing.splitlines() if line.strip().startswith(("mm-llama ", "tensorboard "))]
+    assert any(c.startswith(f"mm-llama chat {model} --image {first.corpus.eval_jsonl.parent}/images/") for c in commands)
+    assert any(c.startswith(f"mm-llama chat {model} --video {first.corpus.eval_jsonl.parent}/videos/") for c in commands)
+    assert f"mm-llama evaluate {model} --qa_file {first.corpus.eval_jsonl}" in closing
+    assert f"tensorboard --logdir {first.root / 'runs'}" in commands
+    assert any(c.startswith(f"mm-llama web {model}") for c in commands)
+    printed = capfd.readouterr()
+    assert "Loading weights" not in printed.err + printed.out  # the libraries' own bars are off during the demo
+    assert "{'loss'" not in printed.err + printed.out  # no printed dict per logging step

@@ -171,3 +171,22 @@ def test_an_evaluating_recipe_without_a_validation_split_fails_before_the_model_
         "with mm-llama build-datasets (its default --validation-ratio 0.05 makes one), or set eval_strategy: 'no'.")
     with pytest.raises(FileNotFoundError, match="missing"):
         build_trainer(*parse_args(stage1_args(llama_dir, [tmp_path / "missing"], tmp_path / "out")))
+
+
+def test_a_dataset_without_a_validation_split_next_to_one_with_it_adds_no_eval_rows(llama_dir, tmp_path, caplog):
+    """A small dataset whose validation ratio rounds to no row (the demo's two-media set at the tiny size) trains
+    with the others; the evaluation pools the validation splits there are, and the log names the one without."""
+    from datasets import Dataset, DatasetDict
+
+    from mm_llama.training import build_trainer
+    from training_utils import make_rows, stage1_args
+
+    with_validation, train_only = tmp_path / "with_validation", tmp_path / "train_only"
+    DatasetDict({"train": Dataset.from_list(make_rows(4)), "validation": Dataset.from_list(make_rows(3))}
+                ).save_to_disk(str(with_validation))
+    DatasetDict({"train": Dataset.from_list(make_rows(2))}).save_to_disk(str(train_only))
+    args = stage1_args(llama_dir, [with_validation, train_only], tmp_path / "out", eval_strategy="steps", eval_steps=2)
+    with caplog.at_level("WARNING", logger="mm_llama.training.data"):
+        trainer = build_trainer(*parse_args(args))
+    assert len(trainer.train_dataset) == 6 and len(trainer.eval_dataset) == 3
+    assert f"{train_only} has none" in caplog.text

@@ -214,5 +214,34 @@ def test_progress_bar_shows_loss_and_accuracy_instead_of_printing_every_log(llam
     callback.on_log(trainer.args, state, None, logs={"loss": 1.23456, "token_accuracy": 0.5, "learning_rate": 2e-4,
                                                      "grad_norm": 3.0})
     assert Bar.postfix == {"loss": "1.23", "acc": "0.5", "lr": "0.0002"} and Bar.written == []
-    callback.on_log(trainer.args, state, None, logs={"eval_loss": 0.5, "eval_token_accuracy": 0.75})
-    assert len(Bar.written) == 1 and "eval_token_accuracy" in Bar.written[0]  # evaluations are still printed
+    state.global_step = 200
+    callback.on_log(trainer.args, state, None, logs={"eval_loss": 0.6123, "eval_token_accuracy": 0.507,
+                                                     "eval_answer_loss": 0.655, "eval_runtime": 1.0})
+    assert Bar.written == ["eval at step 200: loss 0.6123, answer-token accuracy 50.7%, answer loss 0.655"]
+    callback.on_log(trainer.args, state, None, logs={"train_runtime": 3.0, "train_loss": 1.0})  # `train` prints these
+    assert len(Bar.written) == 1
+
+
+def test_without_a_progress_bar_a_line_per_evaluation_and_about_ten_training_lines(llama_dir, dataset_dir, tmp_path,
+                                                                                     capsys):
+    from transformers import PrinterCallback
+
+    from mm_llama.training.trainer import TrainingLogPrinter
+
+    trainer = build_trainer(*parse_args(stage1_args(llama_dir, [dataset_dir], tmp_path, disable_tqdm="true")))
+    callbacks = [type(callback) for callback in trainer.callback_handler.callbacks]
+    assert TrainingLogPrinter in callbacks and PrinterCallback not in callbacks
+    printer = next(c for c in trainer.callback_handler.callbacks if isinstance(c, TrainingLogPrinter))
+    state = trainer.state
+    state.max_steps = 100
+    printer.on_train_begin(trainer.args, state, None)
+    for step in range(1, 101):
+        state.global_step = step
+        printer.on_log(trainer.args, state, None, logs={"loss": 1.0, "token_accuracy": 0.25, "learning_rate": 1e-4})
+        if step == 50:
+            printer.on_log(trainer.args, state, None, logs={"eval_loss": 0.5, "eval_token_accuracy": 0.75})
+    lines = capsys.readouterr().out.splitlines()
+    training = [line for line in lines if line.startswith("step ")]
+    assert training[0] == "step 1/100: loss 1, answer-token accuracy 25.0%, lr 0.0001"
+    assert [int(line.split()[1].split("/")[0]) for line in training] == [1, 11, 21, 31, 41, 51, 61, 71, 81, 91]
+    assert "eval at step 50: loss 0.5, answer-token accuracy 75.0%" in lines

@@ -8,6 +8,7 @@ command line printed, so that a user can re-run any step by hand): checkpoint co
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shlex
 import sys
@@ -224,6 +225,8 @@ class DemoConfig:
         return str(resolve_device(self.device))
 
 
+STEP_NAMES = ("corpus", "tokenizer", "tiny LLaMA", "tiny ImageBind", "build-datasets", "stage 1", "stage 2", "merge",
+              "evaluation")  # short names of STEP_TITLES, for the time table and summary.json
 STEP_TITLES = (
     "Synthetic corpus (images, mp4 videos, upstream-format conversations, held-out eval set)",
     "Tokenizer: sentencepiece BPE trained on the corpus text with LLaMA's settings",
@@ -246,6 +249,37 @@ def run_demo(config: DemoConfig, run_command: CommandRunner, reporter: Reporter 
     paths = DemoPaths(config.output)
     paths.root.mkdir(parents=True, exist_ok=True)
     reporter = reporter or Reporter(len(STEP_TITLES), run_command)
+    with _library_progress_bars_off():
+        summary = _run_steps(config, size, device, paths, reporter)
+    summary["timings_s"] = {STEP_NAMES[STEP_TITLES.index(title)]: round(seconds, 1)
+                            for title, seconds in reporter.timings.items()}
+    summary["total_s"] = round(time.monotonic() - started, 1)
+    paths.summary.write_text(json.dumps(summary, indent=2, default=str) + "\n")
+    _print_closing_summary(summary, paths, reporter)
+    return summary
+
+
+@contextlib.contextmanager
+def _library_progress_bars_off():
+    """Hides transformers' and datasets' own bars ("Loading weights", "Writing model shards", "Saving the dataset"):
+    at the demo's sizes each is a flash of noise per command; the steps keep their own bars (or none with
+    --no-progress). Restores the libraries' settings afterwards."""
+    import datasets
+    from transformers.utils import logging as transformers_logging
+
+    transformers_on, datasets_on = transformers_logging.is_progress_bar_enabled(), datasets.is_progress_bar_enabled()
+    transformers_logging.disable_progress_bar()
+    datasets.disable_progress_bars()
+    try:
+        yield
+    finally:
+        if transformers_on:
+            transformers_logging.enable_progress_bar()
+        if datasets_on:
+            datasets.enable_progress_bars()
+
+
+def _run_steps(config: DemoConfig, size: DemoSize, device: str, paths: DemoPaths, reporter: Reporter) -> dict:
     reporter.print(f"MM-LLaMA demo: size {config.size}, device {device}, seed {config.seed}, output {paths.root}")
     summary: dict = {"size": config.size, "device": device, "seed": config.seed, "knobs": asdict(size),
                      "output": str(paths.root)}
@@ -309,12 +343,14 @@ def run_demo(config: DemoConfig, run_command: CommandRunner, reporter: Reporter 
             run_step("build-datasets", [*source, "--encoder", paths.hf_imagebind, "--output", paths.dataset(name),
                                              "--validation-ratio", "0.05", "--seed", config.seed, "--batch-size", 32,
                                              "--num-workers", config.num_workers, "--overwrite",
-                                             *([] if config.progress else ["--no-progress"])], reporter)
+                                             "--no-progress"], reporter)  # seconds each; summary lines suffice
             manifest = json.loads((paths.dataset(name) / "manifest.json").read_text())
             summary["datasets"][name] = manifest.get("counts", manifest)
             step.note(f"{name}: {_dataset_counts(paths.dataset(name))} -> {paths.dataset(name)}")
 
     train_common = ["--seed", str(config.seed)] + (["--use_cpu", "true"] if device == "cpu" else [])
+    if not config.progress:
+        train_common += ["--disable_tqdm", "true"]
     if size.max_steps is not None:
         train_common += ["--max_steps", str(size.max_steps)]
     with reporter.step(STEP_TITLES[5]) as step:
@@ -359,16 +395,35 @@ def run_demo(config: DemoConfig, run_command: CommandRunner, reporter: Reporter 
                                    f"--{sample['media_type']}", paths.corpus.eval_jsonl.parent / sample["media"]],
                        reporter)
 
-    summary["timings_s"] = {title.split(":")[0]: round(s, 1) for title, s in reporter.timings.items()}
-    summary["total_s"] = round(time.monotonic() - started, 1)
-    paths.summary.write_text(json.dumps(summary, indent=2, default=str) + "\n")
-    reporter.print(f"\nDemo finished in {summary['total_s'] / 60:.1f} min. Outputs in {paths.root}:")
-    for label, path in (("merged model", paths.merged), ("datasets", paths.root / "datasets"),
-                        ("TensorBoard logs", paths.root / "runs"), ("eval results", paths.root / "eval"),
-                        ("summary", paths.summary)):
-        reporter.print(f"    {label:<17} {path}")
-    reporter.print(f"    tensorboard --logdir {paths.root / 'runs'}")
     return summary
+
+
+def _print_closing_summary(summary: dict, paths: DemoPaths, reporter: Reporter) -> None:
+    """Time per step, where everything is, and commands to paste: chat about a held-out image and clip, the
+    evaluation, TensorBoard, the web demo."""
+    reporter.print(f"\nDemo finished in {summary['total_s'] / 60:.1f} min ({summary['total_s']:.0f} s). Time per step:")
+    for index, (name, seconds) in enumerate(summary["timings_s"].items(), start=1):
+        reporter.print(f"    [{index}] {name:<15} {seconds:>6.1f} s")
+    reporter.print(f"\nOutputs in {paths.root}:")
+    for label, path in (("merged model", paths.merged), ("ImageBind folder", paths.hf_imagebind),
+                        ("datasets", paths.root / "datasets"), ("TensorBoard logs", paths.root / "runs"),
+                        ("eval results", paths.root / "eval"), ("summary", paths.summary)):
+        reporter.print(f"    {label:<17} {path}")
+    model = f"{shlex.quote(str(paths.merged))} --imagebind {shlex.quote(str(paths.hf_imagebind))}"
+    reporter.print("\nTry it (paste any line):")
+    samples: dict[str, dict] = {}
+    for sample in summary.get("samples", []):
+        samples.setdefault(sample["media_type"], sample)
+    for kind in ("image", "video"):
+        if kind in samples:
+            media = shlex.quote(str(paths.corpus.eval_jsonl.parent / samples[kind]["media"]))
+            question = shlex.quote(samples[kind]["question"])
+            reporter.print(f"    mm-llama chat {model} --{kind} {media} --prompt {question}")
+    reporter.print(f"    mm-llama chat {model}    # interactive: /image PATH, /video PATH, /reset, /quit")
+    reporter.print(f"    mm-llama evaluate {model} --qa_file {shlex.quote(str(paths.corpus.eval_jsonl))} "
+                   f"--output {shlex.quote(str(paths.root / 'eval' / 'again.json'))}")
+    reporter.print(f"    tensorboard --logdir {shlex.quote(str(paths.root / 'runs'))}")
+    reporter.print(f"    mm-llama web {model}    # browser chat (pip install \"mm-llama[web]\")")
 
 
 def _dataset_counts(path: Path) -> str:
@@ -392,7 +447,7 @@ def _train_metrics(run_dir: Path) -> dict:
 
 def _format_train_metrics(metrics: dict) -> str:
     keys = [("train_loss", "train loss {:.3f}"), ("eval_loss", "eval loss {:.3f}"),
-            ("eval_accuracy", "eval token accuracy {:.1%}"), ("global_step", "{:.0f} steps"),
+            ("eval_token_accuracy", "eval answer-token accuracy {:.1%}"), ("global_step", "{:.0f} steps"),
             ("train_runtime", "{:.0f} s")]
     return ", ".join(fmt.format(metrics[k]) for k, fmt in keys if k in metrics) or "(no metrics logged)"
 

@@ -40,8 +40,10 @@ def load_built_dataset(path: str | Path) -> DatasetDict:
 
 
 def check_datasets(data_args: DataArguments, evaluates: bool) -> None:
-    """Checks every dataset folder before any model is loaded (minutes for a 7B model): it exists, holds a built
-    dataset with the train split and, when the recipe evaluates, the eval split. Errors name the folder and the fix."""
+    """Checks every dataset folder before any model is loaded (minutes for a 7B model): it exists and holds a built
+    dataset with the train split; when the recipe evaluates, at least one dataset has the eval split (the evaluation
+    pools the eval splits there are: a small dataset whose 5% rounds to no row just adds none, which is logged).
+    Errors name the folder and the fix."""
     if not data_args.dataset_paths:
         raise ValueError("dataset_paths is empty: give at least one built dataset folder (dataset_paths: [...]).")
     lacking_eval = []
@@ -51,12 +53,16 @@ def check_datasets(data_args: DataArguments, evaluates: bool) -> None:
             raise ValueError(f"{path} has no {data_args.train_split!r} split (it has {sorted(loaded)}); set train_split.")
         if evaluates and data_args.eval_split not in loaded:
             lacking_eval.append(str(path))
-    if lacking_eval:
+    if not lacking_eval:
+        return
+    if len(lacking_eval) == len(data_args.dataset_paths):
         raise ValueError(
             f"The recipe evaluates (eval_strategy is not 'no') but {', '.join(lacking_eval)} has no "
             f"{data_args.eval_split!r} split. Rebuild it with mm-llama build-datasets (its default "
             "--validation-ratio 0.05 makes one), or set eval_strategy: 'no'."
         )
+    logger.warning("Evaluating on the %r splits of the other datasets: %s has none (too small for its validation "
+                   "ratio, or built with --validation-ratio 0).", data_args.eval_split, ", ".join(lacking_eval))
 
 
 def mix_datasets(parts: list[Dataset], weights: list[float] | None, seed: int) -> Dataset:

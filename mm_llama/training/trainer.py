@@ -10,12 +10,13 @@ from __future__ import annotations
 import contextlib
 import functools
 import os
+import sys
 from typing import Any
 
 import safetensors.torch
 import torch
 from torch import nn
-from transformers import ProgressCallback, Trainer
+from transformers import PrinterCallback, ProgressCallback, Trainer, TrainerCallback
 
 from .setup import optimizer_param_groups
 
@@ -58,14 +59,59 @@ def answer_metrics(correct: float, answers: float, answer_loss_sum: float) -> di
 
 class TrainingProgressCallback(ProgressCallback):
     """The Trainer's progress bar, with the latest loss, answer-token accuracy and learning rate on the bar itself
-    instead of a printed dict per logging step; evaluation results and the final summary are still printed."""
+    instead of a printed dict per logging step; each evaluation is one line above the bar, and the final summary
+    dict is left to the metrics block `train` prints. The evaluation's nested bar is drawn only on a terminal: in a
+    log file its in-place redraws leave cursor-movement fragments."""
+
+    def on_prediction_step(self, args, state, control, eval_dataloader=None, **kwargs):
+        if sys.stderr.isatty():
+            super().on_prediction_step(args, state, control, eval_dataloader=eval_dataloader, **kwargs)
 
     def on_log(self, args, state, control, logs=None, **kwargs):
-        if state.is_world_process_zero and self.training_bar is not None and logs and "loss" in logs:
+        if not state.is_world_process_zero or self.training_bar is None or not logs:
+            return
+        if "loss" in logs:
             shown = {"loss": logs["loss"], "acc": logs.get("token_accuracy"), "lr": logs.get("learning_rate")}
             self.training_bar.set_postfix({key: f"{value:.3g}" for key, value in shown.items() if value is not None})
+        elif "eval_loss" in logs:
+            self.training_bar.write(_evaluation_line(state.global_step, logs))
+        elif "train_runtime" not in logs:
+            super().on_log(args, state, control, logs=logs, **kwargs)
+
+
+class TrainingLogPrinter(TrainerCallback):
+    """Without a progress bar (`disable_tqdm`): one line per evaluation and a training line about every tenth of the
+    run, instead of a printed dict per logging step (every logged value is in TensorBoard and trainer_state.json)."""
+
+    def __init__(self):
+        self.next_report = 0
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.next_report = 0
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if not state.is_world_process_zero or not logs:
             return
-        super().on_log(args, state, control, logs=logs, **kwargs)
+        if "eval_loss" in logs:
+            print(_evaluation_line(state.global_step, logs), flush=True)
+        elif "loss" in logs and state.global_step >= self.next_report:
+            self.next_report = state.global_step + max(1, state.max_steps // 10)
+            shown = [f"loss {logs['loss']:.4g}"]
+            if "token_accuracy" in logs:
+                shown.append(f"answer-token accuracy {logs['token_accuracy']:.1%}")
+            if "learning_rate" in logs:
+                shown.append(f"lr {logs['learning_rate']:.3g}")
+            print(f"step {state.global_step}/{state.max_steps}: " + ", ".join(shown), flush=True)
+
+
+def _evaluation_line(step: int, logs: dict[str, float]) -> str:
+    """'eval at step 200: loss 0.612, answer-token accuracy 50.7%, answer loss 0.655' from the eval logs."""
+    parts = [f"loss {logs['eval_loss']:.4g}"]
+    if "eval_token_accuracy" in logs:
+        parts.append(f"answer-token accuracy {logs['eval_token_accuracy']:.1%}")
+    if "eval_answer_loss" in logs:
+        parts.append(f"answer loss {logs['eval_answer_loss']:.4g}")
+    return f"eval at step {step}: " + ", ".join(parts)
 
 
 class MMLlamaTrainer(Trainer):
@@ -100,6 +146,8 @@ class MMLlamaTrainer(Trainer):
         self.last_eval_answer_tokens = 0
         if self.pop_callback(ProgressCallback) is not None:
             self.add_callback(TrainingProgressCallback)
+        if self.pop_callback(PrinterCallback) is not None:
+            self.add_callback(TrainingLogPrinter)
 
     # ---------------------------------------------------------------- loss
 

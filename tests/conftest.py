@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import importlib
-import io
 import os
 import random
 from pathlib import Path
@@ -37,38 +36,15 @@ _CORPUS_LINES = [
 
 
 def train_tiny_sentencepiece(output_dir: Path, vocab_size: int = 320, seed: int = 0) -> Path:
-    """Trains a BPE sentencepiece model configured like Meta's LLaMA tokenizer; returns `tokenizer.model`'s path.
-
-    LLaMA's settings: BPE, byte fallback, digits split, unk=0 "<unk>", bos=1 "<s>", eos=2 "</s>", no pad,
-    identity normalisation, extra whitespace kept, dummy prefix added.
-    """
-    import sentencepiece as spm
+    """A BPE sentencepiece model configured like Meta's LLaMA tokenizer, trained on a small English corpus with the
+    project's one tokenizer trainer (`mm_llama.demo.tiny_models.train_tokenizer`); returns `tokenizer.model`'s
+    path."""
+    from mm_llama.demo.tiny_models import train_tokenizer
 
     rng = random.Random(seed)
     words = " ".join(_CORPUS_LINES).split()
     lines = list(_CORPUS_LINES) * 20 + [" ".join(rng.choice(words) for _ in range(12)) for _ in range(400)]
-    model = io.BytesIO()
-    spm.SentencePieceTrainer.train(
-        sentence_iterator=iter(lines),
-        model_writer=model,
-        model_type="bpe",
-        vocab_size=vocab_size,
-        byte_fallback=True,
-        split_digits=True,
-        unk_id=0,
-        bos_id=1,
-        eos_id=2,
-        pad_id=-1,
-        normalization_rule_name="identity",
-        remove_extra_whitespaces=False,
-        add_dummy_prefix=True,
-        character_coverage=1.0,
-        minloglevel=2,
-    )
-    output_dir.mkdir(parents=True, exist_ok=True)
-    path = output_dir / "tokenizer.model"
-    path.write_bytes(model.getvalue())
-    return path
+    return train_tokenizer(lines, output_dir, vocab_size=vocab_size)
 
 
 @pytest.fixture(scope="session")

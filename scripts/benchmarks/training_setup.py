@@ -4,6 +4,7 @@ measurements are in speed_helpers.py). Benchmark code, kept out of the library."
 from __future__ import annotations
 
 import random
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -20,31 +21,24 @@ def synthetic_setup(folder: Path, num_rows: int = 256, media_dim: int = 1024, hi
                     num_layers: int = 2, seed: int = 0) -> tuple[Path, Path]:
     """A tiny random LLaMA folder (with a sentencepiece `tokenizer.model` trained here) and a built-format dataset
     of synthetic conversations of widely varying length (1-4 turns, 3-60 words each). Returns (llama, dataset)."""
-    import io
 
-    import sentencepiece as spm
     from datasets import Dataset, DatasetDict
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from mm_llama.data import dataset_features
+    from mm_llama.demo.tiny_models import train_tokenizer
 
     rng = random.Random(seed)
     sentence = lambda n: " ".join(rng.choice(_WORDS) for _ in range(n)).capitalize() + "."  # noqa: E731
     folder.mkdir(parents=True, exist_ok=True)
-    model_file = io.BytesIO()
-    spm.SentencePieceTrainer.train(
-        sentence_iterator=iter([sentence(rng.randint(5, 30)) for _ in range(2000)] + ["[INST] <<IMG>> <</IMG>> "
-                                                                                      "<<VID>> <</VID>> [/INST]"]),
-        model_writer=model_file, model_type="bpe", vocab_size=512, byte_fallback=True, split_digits=True, unk_id=0,
-        bos_id=1, eos_id=2, pad_id=-1, normalization_rule_name="identity", remove_extra_whitespaces=False,
-        add_dummy_prefix=True, character_coverage=1.0, minloglevel=2,
-    )
+    tokenizer_model = train_tokenizer([sentence(rng.randint(5, 30)) for _ in range(2000)]
+                                      + ["[INST] <<IMG>> <</IMG>> <<VID>> <</VID>> [/INST]"], folder / "tokenizer")
     llama_dir = folder / "llama"
     torch.manual_seed(seed)
     LlamaForCausalLM(LlamaConfig(vocab_size=512, hidden_size=hidden_size, intermediate_size=2 * hidden_size,
                                  num_hidden_layers=num_layers, num_attention_heads=4, num_key_value_heads=4,
                                  max_position_embeddings=2048, bos_token_id=1, eos_token_id=2)).save_pretrained(llama_dir)
-    (llama_dir / "tokenizer.model").write_bytes(model_file.getvalue())
+    shutil.copyfile(tokenizer_model, llama_dir / "tokenizer.model")
 
     rows = []
     for index in range(num_rows):

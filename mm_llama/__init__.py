@@ -11,10 +11,10 @@ argument errors answer at once instead of after the ~5 s import of torch and tra
 
 from __future__ import annotations
 
-import importlib
 import sys
 from pathlib import Path
-from typing import Any
+
+from ._lazy import lazy_getattr
 
 __version__ = "0.2.0"
 
@@ -61,11 +61,7 @@ def register_auto_classes() -> None:
     register_pipeline()  # pipeline("mm-llama-chat", model=...)
 
 
-def __getattr__(name: str) -> Any:
-    if name in _PUBLIC_NAMES:
-        register_auto_classes()
-        return getattr(importlib.import_module(f".{_PUBLIC_NAMES[name]}", __name__), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+__getattr__ = lazy_getattr(__name__, _PUBLIC_NAMES, before_import=register_auto_classes)
 
 
 def _started_as_command_line_tool() -> bool:

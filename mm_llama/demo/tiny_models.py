@@ -46,6 +46,7 @@ from .corpus import (
     sample_image_scene,
     sample_video_scene,
     scene_attributes,
+    write_mp4,
 )
 
 ProgressFn = Callable[[int, int, dict], None]  # (step, total, metrics) -> None
@@ -438,15 +439,7 @@ def h264_round_trip(frames: np.ndarray, crf: int, fps: int = VIDEO_FPS) -> np.nd
     import av
 
     buffer = io.BytesIO()
-    with av.open(buffer, "w", format="mp4") as container:
-        stream = container.add_stream("libx264", rate=fps)
-        stream.width, stream.height, stream.pix_fmt = frames.shape[2], frames.shape[1], "yuv420p"
-        stream.options = {"crf": str(crf), "preset": "ultrafast", "threads": "1"}
-        for frame in frames:
-            for packet in stream.encode(av.VideoFrame.from_ndarray(np.ascontiguousarray(frame), format="rgb24")):
-                container.mux(packet)
-        for packet in stream.encode():
-            container.mux(packet)
+    write_mp4(frames, buffer, fps=fps, crf=crf)
     buffer.seek(0)
     with av.open(buffer) as container:
         return np.stack([frame.to_ndarray(format="rgb24") for frame in container.decode(video=0)])

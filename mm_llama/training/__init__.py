@@ -6,8 +6,7 @@ The names below are imported on first use, so that the model set-up (`mm_llama.t
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from .._lazy import lazy_getattr
 
 _PUBLIC_NAMES = {
     "DataArguments": "arguments", "LoraArguments": "arguments", "MMLlamaTrainingArguments": "arguments",
@@ -19,10 +18,7 @@ _PUBLIC_NAMES = {
 }  # fmt: skip
 
 
-def __getattr__(name: str) -> Any:
-    if name in _PUBLIC_NAMES:
-        return getattr(importlib.import_module(f".{_PUBLIC_NAMES[name]}", __name__), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+__getattr__ = lazy_getattr(__name__, _PUBLIC_NAMES)
 
 
 __all__ = sorted(_PUBLIC_NAMES)

@@ -385,9 +385,12 @@ _LOGGED: set[str] = set()
 
 
 def _log_once(message: str) -> None:
+    """Logs, once per process, why the fused loss is not used: INFO, since the chunked loss is the default and equal in
+    results (on an H100 also in speed, BENCHMARKS.md); a warning on every GPU run without the optional extra would be
+    noise."""
     if message not in _LOGGED:
         _LOGGED.add(message)
-        logger.warning(message)
+        logger.info(message)
 
 
 __all__ = [

@@ -50,7 +50,7 @@ from .meta_checkpoint import (
 logger = logging.getLogger(__name__)
 
 # Meta layer weight -> HF submodule of `model.layers.{i}`.
-_HF_LAYER_NAMES: dict[str, str] = {
+HF_LAYER_NAMES: dict[str, str] = {
     "attention.wq": "self_attn.q_proj",
     "attention.wk": "self_attn.k_proj",
     "attention.wv": "self_attn.v_proj",
@@ -125,7 +125,7 @@ def hf_weight_name(meta_key: str) -> str:
     `model.layers.3.self_attn.q_proj.weight`)."""
     if meta_key.startswith("layers."):
         _, index, name = meta_key[: -len(".weight")].split(".", 2)
-        return f"model.layers.{index}.{_HF_LAYER_NAMES[name]}.weight"
+        return f"model.layers.{index}.{HF_LAYER_NAMES[name]}.weight"
     return _HF_TOP_LEVEL_NAMES[meta_key]
 
 
@@ -377,6 +377,7 @@ def convert_meta_llama(
 
 
 __all__ = [
+    "HF_LAYER_NAMES",
     "convert_meta_llama",
     "hf_weight_name",
     "iter_hf_weights",

@@ -125,7 +125,7 @@ _META_TO_HF_OUTSIDE_LAYERS = {"tok_embeddings.weight": "model.embed_tokens.weigh
 def hf_llama_to_meta_state_dict(model, n_heads: int, n_kv_heads: int) -> dict[str, torch.Tensor]:
     """A `LlamaForCausalLM` state dict in Meta's `consolidated.00.pth` names and layout (one model-parallel rank):
     the inverse of the converter, built from its own layer-name table and rotary permutation."""
-    from mm_llama.conversion.meta_llama import _HF_LAYER_NAMES as META_TO_HF_LAYER_NAMES
+    from mm_llama.conversion.meta_llama import HF_LAYER_NAMES as META_TO_HF_LAYER_NAMES
 
     hf = {key: value.detach().clone().contiguous() for key, value in model.state_dict().items()}
     meta = {meta_name: hf[hf_name] for meta_name, hf_name in _META_TO_HF_OUTSIDE_LAYERS.items()}
@@ -387,7 +387,7 @@ def imagebind_to_meta_state_dict(model) -> dict[str, torch.Tensor]:
     """An `ImageBindVisionModel` state dict in the flat key layout of Meta's `imagebind_huge.pth` (vision keys):
     the inverse of the converter, read off its own key list (`official_vision_shapes`) and key mapping, where a
     stacked `attn.in_proj_*` key is the concatenation of the HF keys it maps to (q, k, v in that order)."""
-    from mm_llama.imagebind.conversion_imagebind import _hf_key as official_to_hf_keys
+    from mm_llama.imagebind.conversion_imagebind import vision_hf_keys as official_to_hf_keys
     from mm_llama.imagebind.conversion_imagebind import official_vision_shapes
 
     hf = {key: value.detach().clone().contiguous() for key, value in model.state_dict().items()}

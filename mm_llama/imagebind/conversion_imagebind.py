@@ -193,7 +193,7 @@ def _block_hf_key(trunk: str, official: str) -> list[str]:
     return [layer + rest]  # mlp.fc1.* / mlp.fc2.* keep their names
 
 
-def _hf_key(official: str) -> list[str]:
+def vision_hf_keys(official: str) -> list[str]:
     """HF key(s) of one official vision key (in_proj keys map to three)."""
     renames = {
         _PRE + "cls_token": "embeddings.class_embedding",
@@ -298,7 +298,7 @@ def convert_imagebind_state_dict(
         f"hidden_size={config.hidden_size}, layers={config.num_hidden_layers}, "
         f"image_size={config.image_size}, projection_dim={config.projection_dim}"
     )
-    return _check_and_map(state_dict, official_vision_shapes(config), VISION_PREFIXES, "vision", summary, _hf_key)
+    return _check_and_map(state_dict, official_vision_shapes(config), VISION_PREFIXES, "vision", summary, vision_hf_keys)
 
 
 def convert_imagebind_audio_state_dict(
@@ -471,4 +471,5 @@ __all__ = [
     "load_imagebind_checkpoint",
     "official_audio_shapes",
     "official_vision_shapes",
+    "vision_hf_keys",
 ]

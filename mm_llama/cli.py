@@ -547,7 +547,8 @@ def _run_demo(args: argparse.Namespace) -> int:
         os.environ["OMP_NUM_THREADS"] = str(args.threads)
     import torch
 
-    from .demo.pipeline import DemoConfig, StepError, run_demo
+    from .demo.pipeline import DemoConfig, run_demo
+    from .demo.reporting import StepError
 
     if args.threads is not None:
         torch.set_num_threads(args.threads)

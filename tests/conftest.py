@@ -37,9 +37,9 @@ _CORPUS_LINES = [
 
 def train_tiny_sentencepiece(output_dir: Path, vocab_size: int = 320, seed: int = 0) -> Path:
     """A BPE sentencepiece model configured like Meta's LLaMA tokenizer, trained on a small English corpus with the
-    project's one tokenizer trainer (`mm_llama.demo.tiny_models.train_tokenizer`); returns `tokenizer.model`'s
+    project's one tokenizer trainer (`mm_llama.demo.tiny_llama.train_tokenizer`); returns `tokenizer.model`'s
     path."""
-    from mm_llama.demo.tiny_models import train_tokenizer
+    from mm_llama.demo.tiny_llama import train_tokenizer
 
     rng = random.Random(seed)
     words = " ".join(_CORPUS_LINES).split()

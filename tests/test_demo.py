@@ -11,17 +11,15 @@ import numpy as np
 import pytest
 import torch
 
-from mm_llama.demo.corpus import (
+from mm_llama.demo.conversations import QUESTION_TYPES
+from mm_llama.demo.corpus import CorpusSize, generate_corpus, read_eval_items
+from mm_llama.demo.scenes import (
     BACKGROUNDS,
     COLOURS,
     DIRECTIONS,
-    QUESTION_TYPES,
     SHAPES,
     VIDEO_FRAMES,
-    CorpusSize,
     dominant_colour,
-    generate_corpus,
-    read_eval_items,
     render_image,
     render_video_frames,
     sample_image_scene,
@@ -150,8 +148,9 @@ def test_pretraining_scene_codes(spm_model_path):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from mm_llama import MMLlamaProcessor, MMLlamaTokenizer
-    from mm_llama.demo.corpus import SCENE_ATTRIBUTES, pretraining_items
-    from mm_llama.demo.tiny_models import (
+    from mm_llama.demo.conversations import pretraining_items
+    from mm_llama.demo.scenes import SCENE_ATTRIBUTES
+    from mm_llama.demo.tiny_llama import (
         SceneCodes,
         _embed_with_scene_codes,
         _encode_pretraining_item,
@@ -182,8 +181,8 @@ def test_pretraining_scene_codes(spm_model_path):
 
 def test_scene_codes_distinguish_every_attribute_value():
     """Two scenes that differ in one attribute get different codes (the difference of their two rows)."""
-    from mm_llama.demo.corpus import scene_attributes
-    from mm_llama.demo.tiny_models import SceneCodes
+    from mm_llama.demo.scenes import scene_attributes
+    from mm_llama.demo.tiny_llama import SceneCodes
 
     codes = SceneCodes(16)
     scene = scene_attributes(sample_image_scene(random.Random(4)))
@@ -197,7 +196,7 @@ def test_scene_codes_distinguish_every_attribute_value():
 def test_codec_noise_keeps_what_the_answers_name():
     """The stand-in encoder's training noise (JPEG / H.264 round trips, colour gain) never changes a scene's colour
     or background as a viewer would name them."""
-    from mm_llama.demo.tiny_models import codec_noise, h264_round_trip
+    from mm_llama.demo.tiny_imagebind import codec_noise, h264_round_trip
 
     rng = random.Random(0)
     for i in range(6):
@@ -335,7 +334,7 @@ def test_accuracy_by_type():
 # ------------------------------------------------------------------------------------------------- stand-ins
 @pytest.fixture(scope="module")
 def tokenizer_model(corpus, tmp_path_factory):
-    from mm_llama.demo.tiny_models import train_tokenizer
+    from mm_llama.demo.tiny_llama import train_tokenizer
 
     paths, _ = corpus
     return train_tokenizer(paths.pretrain_text, tmp_path_factory.mktemp("tok"), vocab_size=400)
@@ -352,7 +351,7 @@ def test_tokenizer_has_llama_settings(tokenizer_model):
 
 def test_tokenizer_from_lines_equals_tokenizer_from_file(corpus, tokenizer_model, tmp_path):
     """`train_tokenizer` takes a text file or its lines and gives the same model; empty text is a clear error."""
-    from mm_llama.demo.tiny_models import train_tokenizer
+    from mm_llama.demo.tiny_llama import train_tokenizer
 
     paths, _ = corpus
     lines = paths.pretrain_text.read_text(encoding="utf-8").splitlines()
@@ -369,23 +368,23 @@ def test_tiny_llama_meta_checkpoint_converts_back_exactly(corpus, tokenizer_mode
     from transformers import LlamaForCausalLM
 
     from mm_llama.conversion import convert_meta_llama
-    from mm_llama.demo import tiny_models
-    from mm_llama.demo.tiny_models import TinyLlamaSpec, pretrain_tiny_llama
+    from mm_llama.demo import tiny_llama
+    from mm_llama.demo.tiny_llama import TinyLlamaSpec, pretrain_tiny_llama
 
     paths, _ = corpus
     captured = {}
-    original = tiny_models.hf_llama_to_meta_state_dict
+    original = tiny_llama.hf_llama_to_meta_state_dict
 
     def capture(model, *args):
         captured["model"] = model
         return original(model, *args)
 
-    tiny_models.hf_llama_to_meta_state_dict = capture
+    tiny_llama.hf_llama_to_meta_state_dict = capture
     try:
         summary = pretrain_tiny_llama(paths.pretrain_jsonl, tokenizer_model, tmp_path / "meta",
                                       spec=TinyLlamaSpec(dim=32, n_layers=2, n_heads=2), steps=3, batch_size=4)
     finally:
-        tiny_models.hf_llama_to_meta_state_dict = original
+        tiny_llama.hf_llama_to_meta_state_dict = original
     assert {p.name for p in (tmp_path / "meta").iterdir()} == {"consolidated.00.pth", "params.json", "tokenizer.model"}
     assert json.loads((tmp_path / "meta" / "params.json").read_text())["vocab_size"] == -1
     assert summary["steps"] == 3
@@ -398,7 +397,7 @@ def test_tiny_llama_meta_checkpoint_converts_back_exactly(corpus, tokenizer_mode
 
 def test_tiny_imagebind_meta_layout_converts_back_exactly(tmp_path):
     """The stand-in's flat .pth (Meta's key layout) converted by the real converter gives identical embeddings."""
-    from mm_llama.demo.tiny_models import imagebind_to_meta_state_dict
+    from mm_llama.demo.tiny_imagebind import imagebind_to_meta_state_dict
     from mm_llama.imagebind import (
         ImageBindVisionConfig,
         ImageBindVisionModel,
@@ -475,7 +474,6 @@ def _two_media_answers(paths, count: int) -> tuple[list[str], list[str]]:
     from transformers import AutoModelForCausalLM
 
     from mm_llama import MMLlamaProcessor
-    from mm_llama.demo.corpus import read_eval_items
     from mm_llama.imagebind import ImageBindVisionModel, load_image, load_video
 
     model = AutoModelForCausalLM.from_pretrained(paths.merged).eval()
@@ -519,7 +517,14 @@ def test_same_seed_same_table_and_a_closing_summary_with_commands_to_paste(tmp_p
     import io
 
     from mm_llama.cli import run_command
-    from mm_llama.demo.pipeline import STEP_NAMES, STEP_TITLES, DemoConfig, DemoPaths, Reporter, run_demo
+    from mm_llama.demo.pipeline import (
+        STEP_NAMES,
+        STEP_TITLES,
+        DemoConfig,
+        DemoPaths,
+        Reporter,
+        run_demo,
+    )
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)

@@ -11,7 +11,6 @@ from typing import Any
 import numpy as np
 import torch
 
-
 _WORDS = ("the a red blue green yellow circle square triangle moves left right over under quickly slowly image video "
           "shows describe what which colour shape many how there is are small large bright dark person dog cat car "
           "street table window tree sky water people walking running sitting holding").split()
@@ -26,7 +25,7 @@ def synthetic_setup(folder: Path, num_rows: int = 256, media_dim: int = 1024, hi
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from mm_llama.data import dataset_features
-    from mm_llama.demo.tiny_models import train_tokenizer
+    from mm_llama.demo.tiny_llama import train_tokenizer
 
     rng = random.Random(seed)
     sentence = lambda n: " ".join(rng.choice(_WORDS) for _ in range(n)).capitalize() + "."  # noqa: E731

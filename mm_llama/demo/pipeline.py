@@ -4,6 +4,8 @@ Every step after the stand-ins runs the project's real commands (`mm_llama.cli`,
 command line printed, so that a user can re-run any step by hand): checkpoint conversion, `mm-llama build-datasets`,
 `mm-llama train` with the demo recipes (shipped in the package: mm_llama/demo/recipes/), `mm-llama merge` and
 `mm-llama evaluate`. The code that runs is the code that trains LLaMA-2-7B on a GPU; only the sizes differ.
+
+Why one module of ~400 lines: the demo's steps read in order, top to bottom, as a user sees them run.
 """
 
 from __future__ import annotations

@@ -190,3 +190,16 @@ def test_a_dataset_without_a_validation_split_next_to_one_with_it_adds_no_eval_r
         trainer = build_trainer(*parse_args(args))
     assert len(trainer.train_dataset) == 6 and len(trainer.eval_dataset) == 3
     assert f"{train_only} has none" in caplog.text
+
+
+def test_pad_to_multiple_of_reaches_the_collator_and_bad_values_are_refused(llama_dir, dataset_dir, tmp_path):
+    from mm_llama.training import build_trainer
+    from training_utils import stage1_args
+
+    trainer = build_trainer(*parse_args(stage1_args(llama_dir, [dataset_dir], tmp_path / "out")
+                                        + ["--pad_to_multiple_of", "64"]))
+    assert trainer.data_collator.pad_to_multiple_of == 64
+    batch = next(iter(trainer.get_train_dataloader()))
+    assert batch["input_ids"].shape[1] % 64 == 0
+    with pytest.raises(ValueError, match="pad_to_multiple_of must be a positive number of tokens or null, got 0"):
+        parse_args(stage1_args(llama_dir, [dataset_dir], tmp_path / "out") + ["--pad_to_multiple_of", "0"])

@@ -92,6 +92,12 @@ class DataArguments:
         default="validation", metadata={"help": "Split to evaluate on; skipped for datasets that lack it."}
     )
     max_seq_len: int = field(default=512, metadata={"help": "Longest sequence in tokens."})
+    pad_to_multiple_of: int | None = field(
+        default=None,
+        metadata={"help": "Round each padded batch's length up to a multiple of this (e.g. 64): fewer distinct "
+                          "shapes, so GPU kernels chosen per shape are reused (BENCHMARKS.md). Not used with packing, "
+                          "whose rows are max_seq_len long already."},
+    )
     truncation: Literal["drop", "truncate"] = field(
         default="truncate",
         metadata={"help": "Longer conversations: 'truncate' (never inside a media placeholder) or 'drop'."},
@@ -125,6 +131,9 @@ class DataArguments:
                 raise ValueError(f"dataset_weights must be >= 0 with a positive sum, got {self.dataset_weights}.")
         if self.prompt_loss_weight < 0:
             raise ValueError(f"prompt_loss_weight must be >= 0, got {self.prompt_loss_weight}.")
+        if self.pad_to_multiple_of is not None and self.pad_to_multiple_of < 1:
+            raise ValueError(f"pad_to_multiple_of must be a positive number of tokens or null, got "
+                             f"{self.pad_to_multiple_of}.")
 
 
 @dataclass

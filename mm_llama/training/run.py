@@ -47,6 +47,7 @@ def build_trainer(
         truncation=data_args.truncation,
         prompt_loss_weight=data_args.prompt_loss_weight,
         train_on=data_args.train_on,
+        pad_to_multiple_of=data_args.pad_to_multiple_of,
     )
     if data_args.packing:
         # flash_attention_2 keeps sequences apart in a multi-row batch only through cu_seq_lens kwargs.

@@ -336,6 +336,7 @@ def _evaluate_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max_new_tokens", type=int, default=64)
     parser.add_argument("--batch_size", type=int, default=8)
     parser.add_argument("--max_examples", type=int, default=None, help="evaluate only the first N examples")
+    parser.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
     parser.add_argument("--output", required=True, help="JSON file to write")
 
 
@@ -356,12 +357,15 @@ def _run_evaluate(args: argparse.Namespace) -> int:
     if args.qa_file:
         results["generation_eval"] = evaluation.evaluate_generation(
             model, processor, embedder, args.qa_file, system=args.system, batch_size=args.batch_size,
-            max_examples=args.max_examples,
+            max_examples=args.max_examples, progress=args.progress,
             settings=GenerationSettings(max_new_tokens=args.max_new_tokens, temperature=0.0),
         )
+        for failure in results["generation_eval"]["media_errors"]:
+            print(f"warning: question {failure['id']}: {failure['error']} (answered with '', scored wrong)",
+                  file=sys.stderr)
     evaluation.write_results(results, args.output)
-    summary = {name: {k: v for k, v in part.items() if k != "examples"} for name, part in results.items()
-               if isinstance(part, dict)}
+    summary = {name: {k: v for k, v in part.items() if k not in ("examples", "media_errors")}
+               for name, part in results.items() if isinstance(part, dict)}
     print(json.dumps(summary, indent=2))
     return 0
 

@@ -176,25 +176,51 @@ def evaluate_generation(
     system: str | None = None,
     batch_size: int = 8,
     max_examples: int | None = None,
+    progress: bool = False,
 ) -> dict[str, Any]:
     """Answers every question (greedy by default) and scores it against the reference answers.
 
+    Every media file is embedded before the first answer is generated, so an unreadable one costs its own question
+    only: it is answered with "" (scored wrong, as lmms-eval scores a failed document) and listed under
+    "media_errors" with the reason; the run goes on. When no media file at all can be read (a wrong folder, most
+    likely), it raises ValueError before generating anything.
+
     Returns:
-        {"num_examples", "exact_match", "contains_match" (fractions), "settings", "examples": [{"id", "question",
-        "media", "answers", "prediction", "exact_match", "contains_match"}, ...]}
+        {"num_examples", "exact_match", "contains_match" (fractions of all questions), "num_media_errors",
+        "media_errors": [{"id", "media", "error"}], "settings", "examples": [{"id", "question", "media", "answers",
+        "prediction", "exact_match", "contains_match"}, ...]}
     """
+    from tqdm.auto import tqdm
+
+    from .imagebind.processing_imagebind import MediaLoadError
+
     settings = settings or GenerationSettings(max_new_tokens=64, temperature=0.0)
     rows = read_qa_file(qa_file)[:max_examples]
     if not rows:
         raise ValueError(f"{qa_file} has no questions.")
-    conversations = [
-        prompt_conversation(row["question"],
-                            {"type": row["media_type"], "path": row["media"]} if row.get("media") else None, system)
-        for row in rows
-    ]
-    predictions = generate_batched(model, processor, embedder, conversations, settings, batch_size)
+    conversations: dict[int, list[dict]] = {}  # row index -> conversation with embedded media
+    media_errors = []
+    for index, row in enumerate(tqdm(rows, desc="embedding media", unit="question", disable=not progress)):
+        media = {"type": row["media_type"], "path": row["media"]} if row.get("media") else None
+        try:
+            if media is not None:
+                media["embeds"] = embedder.embed(media)
+            conversations[index] = prompt_conversation(row["question"], media, system)
+        except (MediaLoadError, ValueError, FileNotFoundError) as error:
+            media_errors.append({"id": row.get("id", index), "media": row.get("media"), "error": str(error)})
+    with_media = sum(bool(row.get("media")) for row in rows)
+    if media_errors and len(media_errors) == with_media:
+        raise ValueError(f"None of the {with_media} media files of {qa_file} could be read (first: "
+                         f"{media_errors[0]['error']}); check the paths (relative to the current folder).")
+    answerable = sorted(conversations)
+    bar = tqdm(total=len(answerable), desc="answering", unit="question", disable=not progress)
+    answers = generate_batched(model, processor, embedder, [conversations[i] for i in answerable], settings,
+                               batch_size, on_batch=lambda start, batch: bar.update(len(batch)))
+    bar.close()
+    predictions = dict(zip(answerable, answers))
     examples = []
-    for index, (row, prediction) in enumerate(zip(rows, predictions)):
+    for index, row in enumerate(rows):
+        prediction = predictions.get(index, "")
         examples.append({
             "id": row.get("id", index),
             "question": row["question"],
@@ -207,6 +233,8 @@ def evaluate_generation(
         "num_examples": len(examples),
         "exact_match": sum(e["exact_match"] for e in examples) / len(examples),
         "contains_match": sum(e["contains_match"] for e in examples) / len(examples),
+        "num_media_errors": len(media_errors),
+        "media_errors": media_errors,
         "settings": {"max_new_tokens": settings.max_new_tokens, "temperature": settings.temperature,
                      "top_p": settings.top_p, "system": system},
         "examples": examples,

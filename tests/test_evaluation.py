@@ -125,6 +125,22 @@ def test_evaluate_script_writes_loss_and_generation_results(setup, tmp_path, cap
     assert generation["contains_match"] == pytest.approx(sum(expected_contains) / 3)
     assert "token_accuracy" in capsys.readouterr().out
 
+    assert generation["num_media_errors"] == 0 and generation["media_errors"] == []
+
+    # One unreadable media file costs its own question only (answered "", scored wrong, reported); the others are
+    # answered as before.
+    bad_rows = [qa_rows[0], {"id": "gone", "media": "gone.pt", "question": "?", "answers": ["x"]}, qa_rows[2]]
+    qa_file.write_text("\n".join(json.dumps(row) for row in bad_rows) + "\n")
+    assert cli(["evaluate", str(stage1), "--device", "cpu", "--qa_file", str(qa_file), "--max_new_tokens", "6",
+                "--batch_size", "2", "--output", str(output)]) == 0
+    generation = json.loads(output.read_text())["generation_eval"]
+    assert [e["prediction"] for e in generation["examples"]] == [predictions[0], "", predictions[2]]
+    assert generation["num_media_errors"] == 1 and generation["media_errors"][0]["id"] == "gone"
+    assert "gone.pt" in generation["media_errors"][0]["error"]
+    assert generation["exact_match"] == pytest.approx(1 / 3)
+    assert "warning: question gone:" in capsys.readouterr().err
+    # None readable: most likely a wrong folder, an error before any generation.
     qa_file.write_text(json.dumps({"media": "gone.pt", "question": "?", "answers": ["x"]}) + "\n")
     assert cli(["evaluate", str(stage1), "--device", "cpu", "--qa_file", str(qa_file), "--output", str(output)]) == 1
-    assert "gone.pt" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "None of the 1 media files" in err and "gone.pt" in err

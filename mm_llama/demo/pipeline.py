@@ -302,7 +302,7 @@ def _run_steps(config: DemoConfig, size: DemoSize, device: str, paths: DemoPaths
         results = {}
         for name, model_dir in (("after stage 1", paths.run(1)), ("after stage 2", paths.merged)):
             key = name.replace(" ", "_")
-            predictions = run_generation_eval(model_dir, paths, key, reporter, device)
+            predictions = run_generation_eval(model_dir, paths, key, reporter, device, config.progress)
             results[name] = accuracy_by_type(eval_items, predictions)
         summary["accuracy"] = results
         step.note("held-out answer accuracy (generation, greedy):\n" + format_accuracy_table(results))
@@ -376,13 +376,14 @@ def _format_train_metrics(metrics: dict) -> str:
     return ", ".join(fmt.format(metrics[k]) for k, fmt in keys if k in metrics) or "(no metrics logged)"
 
 
-def run_generation_eval(model_dir: Path, paths: DemoPaths, name: str, reporter: Reporter, device: str) -> dict[str, str]:
+def run_generation_eval(model_dir: Path, paths: DemoPaths, name: str, reporter: Reporter, device: str,
+                        progress: bool = True) -> dict[str, str]:
     """Answers every held-out question by greedy generation from the raw media file (embedded by the converted
     ImageBind folder, as in a user's chat) with `mm-llama evaluate --qa_file`; returns {item id: answer}."""
     output = paths.evaluation(name)
     run_step("evaluate", [model_dir, "--qa_file", paths.corpus.eval_jsonl, "--imagebind", paths.hf_imagebind,
                                "--max_new_tokens", "16", "--batch_size", "32", "--device", device,
-                               "--output", output], reporter)
+                               "--output", output, *([] if progress else ["--no-progress"])], reporter)
     examples = json.loads(output.read_text())["generation_eval"]["examples"]
     return {example["id"]: example["prediction"] for example in examples}
 

@@ -36,6 +36,7 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--batch_size", type=int, default=8, help="synthetic: per-device batch")
     parser.add_argument("--hidden_size", type=int, default=256, help="synthetic: LLM width")
+    parser.add_argument("--num_layers", type=int, default=2, help="synthetic: LLM depth")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     parser.add_argument("--num_rows", type=int, default=1024, help="synthetic: conversations in the dataset")
     parser.add_argument("--skip_ordering", action="store_true", help="skip random / grouped / packed runs")
@@ -54,7 +55,7 @@ def main() -> None:
             argv = [options.recipe, *options.overrides]
         else:
             llama_dir, dataset_dir = synthetic_setup(scratch / "data", num_rows=options.num_rows,
-                                                     hidden_size=options.hidden_size)
+                                                     hidden_size=options.hidden_size, num_layers=options.num_layers)
             argv = ["--model_name_or_path", str(llama_dir), "--stage", "1", "--dtype", "float32",
                     "--dataset_paths", str(dataset_dir), "--eval_split", "", "--report_to", "none",
                     "--per_device_train_batch_size", str(options.batch_size), "--save_strategy", "no",

@@ -33,9 +33,10 @@ def synthetic_setup(folder: Path, num_rows: int = 256, media_dim: int = 1024, hi
     tokenizer_model = train_tokenizer([sentence(rng.randint(5, 30)) for _ in range(2000)]
                                       + ["[INST] <<IMG>> <</IMG>> <<VID>> <</VID>> [/INST]"], folder / "tokenizer")
     llama_dir = folder / "llama"
+    heads = max(4, hidden_size // 128)  # LLaMA's head width (128) once the model is wide enough
     torch.manual_seed(seed)
     LlamaForCausalLM(LlamaConfig(vocab_size=512, hidden_size=hidden_size, intermediate_size=2 * hidden_size,
-                                 num_hidden_layers=num_layers, num_attention_heads=4, num_key_value_heads=4,
+                                 num_hidden_layers=num_layers, num_attention_heads=heads, num_key_value_heads=heads,
                                  max_position_embeddings=2048, bos_token_id=1, eos_token_id=2)).save_pretrained(llama_dir)
     shutil.copyfile(tokenizer_model, llama_dir / "tokenizer.model")
 

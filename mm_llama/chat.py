@@ -16,8 +16,8 @@ from .generation import (
     MediaEmbedder,
     build_generation_inputs,
     generate,
+    embedded_prompt_conversation,
     generate_batched,
-    prompt_conversation,
     stream,
     user_message,
 )
@@ -170,11 +170,10 @@ def answer_batch_file(model: torch.nn.Module, processor: MMLlamaProcessor, embed
             if len(given) > 1:
                 raise ValueError(f"give one of 'image', 'video' or 'audio', not {' and '.join(given)}.")
             media_type = given[0] if given else None
-            media = None
-            if media_type:
-                media = {"type": media_type, "path": row[media_type]}
-                media["embeds"] = embedder.embed(media)  # now: a bad file fails this line only
-            prepared.append((line, row, prompt_conversation(row["prompt"], media, row.get("system", system))))
+            path = row[media_type] if media_type else None
+            conversation = embedded_prompt_conversation(embedder, row["prompt"], media_type, path,
+                                                        row.get("system", system))  # a bad file fails this line only
+            prepared.append((line, row, conversation))
         except (MediaLoadError, ValueError, FileNotFoundError) as err:
             fail(line, row_id, str(err))
 

@@ -18,7 +18,13 @@ from typing import Any, Sequence
 import torch
 
 from .data.sources import iter_jsonl
-from .generation import GenerationSettings, MediaEmbedder, generate_batched, infer_media_type, prompt_conversation
+from .generation import (
+    GenerationSettings,
+    MediaEmbedder,
+    embedded_prompt_conversation,
+    generate_batched,
+    infer_media_type,
+)
 from .processing_mm_llama import MMLlamaProcessor, TrainOn
 
 
@@ -201,11 +207,9 @@ def evaluate_generation(
     conversations: dict[int, list[dict]] = {}  # row index -> conversation with embedded media
     media_errors = []
     for index, row in enumerate(tqdm(rows, desc="embedding media", unit="question", disable=not progress)):
-        media = {"type": row["media_type"], "path": row["media"]} if row.get("media") else None
         try:
-            if media is not None:
-                media["embeds"] = embedder.embed(media)
-            conversations[index] = prompt_conversation(row["question"], media, system)
+            conversations[index] = embedded_prompt_conversation(
+                embedder, row["question"], row["media_type"] if row.get("media") else None, row.get("media"), system)
         except (MediaLoadError, ValueError, FileNotFoundError) as error:
             media_errors.append({"id": row.get("id", index), "media": row.get("media"), "error": str(error)})
     with_media = sum(bool(row.get("media")) for row in rows)

@@ -235,6 +235,17 @@ def prompt_conversation(prompt: str, media: dict | None = None, system: str | No
     return system_messages + [user_message(prompt, media)]
 
 
+def embedded_prompt_conversation(embedder: MediaEmbedder, prompt: str, media_type: str | None = None,
+                                 path: str | Path | None = None, system: str | None = None) -> list[dict]:
+    """`prompt_conversation` with its media item (if `media_type`) embedded now, so that a batch job finds an
+    unusable file before generating anything. Raises MediaLoadError / ValueError / FileNotFoundError naming it."""
+    media = None
+    if media_type is not None:
+        media = {"type": media_type, "path": path}
+        media["embeds"] = embedder.embed(media)
+    return prompt_conversation(prompt, media, system)
+
+
 def build_generation_inputs(processor: MMLlamaProcessor, conversations: Sequence[dict | Sequence[dict]],
                             embedder: MediaEmbedder) -> BatchFeature:
     """Left-padded generation inputs for a batch of conversations that each end with a user turn.
@@ -345,6 +356,7 @@ __all__ = [
     "infer_media_type",
     "is_embedding_file",
     "load_embedding_file",
+    "embedded_prompt_conversation",
     "prompt_conversation",
     "stream",
     "stream_in_thread",

@@ -43,7 +43,7 @@ import torch
 from torch import nn
 
 # scripts/benchmarks/ is on sys.path when this script runs.
-from speed_helpers import fixed_shape_batch  # noqa: I001
+from speed_helpers import fixed_shape_batch, timed_training_step  # noqa: I001
 
 # Peak dense (no 2:4 sparsity) bf16 tensor-core TFLOPS, matched against torch.cuda.get_device_name() in this order
 # (the more specific names first: "H100 PCIe" before "H100", "A100" before "A10", "L40S" before "L4").
@@ -189,16 +189,9 @@ def measure_training(model: nn.Module, make_optimizer: Callable[[], torch.optim.
             times, record = [], {}
             with peak_memory(device, record):
                 for step in range(warmup + steps):
-                    synchronize(device)
-                    start = time.perf_counter()
-                    with autocast:
-                        loss = model(**batch, logits_for_labels_only=True, loss_chunk_size=loss_chunk_size).loss
-                    loss.backward()
-                    optimizer.step()
-                    optimizer.zero_grad(set_to_none=True)
-                    synchronize(device)
+                    seconds, loss = timed_training_step(model, batch, optimizer, autocast, loss_chunk_size)
                     if step >= warmup:
-                        times.append(time.perf_counter() - start)
+                        times.append(seconds)
             del optimizer
             seconds = statistics.median(times)
             trained = int((batch["labels"][:, 1:] != -100).sum())

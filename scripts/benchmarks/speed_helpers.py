@@ -23,6 +23,21 @@ def _sync() -> None:
         torch.cuda.synchronize()
 
 
+def timed_training_step(model, batch: dict[str, Any], optimizer: torch.optim.Optimizer, autocast,
+                        loss_chunk_size: int | None) -> tuple[float, torch.Tensor]:
+    """One optimizer step as training runs it (forward with label-only logits under `autocast`, backward, step,
+    zero_grad), timed between GPU synchronisations: (seconds, loss)."""
+    _sync()
+    start = time.perf_counter()
+    with autocast:
+        loss = model(**batch, logits_for_labels_only=True, loss_chunk_size=loss_chunk_size).loss
+    loss.backward()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    _sync()
+    return time.perf_counter() - start, loss
+
+
 def real_tokens(batch: dict[str, Any], items: list | None = None, max_seq_len: int | None = None) -> int:
     """Tokens of a batch that are not padding: the attention mask's ones, or for a packed batch the (truncated)
     lengths of the rows packed into it."""
@@ -169,16 +184,9 @@ def stage2_step_times(chunk_sizes: list[int | None], steps: int, warmup: int, ba
     losses: dict[str, float] = {}
     for step in range(warmup + steps):
         for size in chunk_sizes:
-            _sync()
-            start = time.perf_counter()
-            with autocast:
-                loss = model(**batch, logits_for_labels_only=True, loss_chunk_size=size).loss
-            loss.backward()
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            _sync()
+            seconds, loss = timed_training_step(model, batch, optimizer, autocast, size)
             if step >= warmup:
-                times[str(size)].append(time.perf_counter() - start)
+                times[str(size)].append(seconds)
             losses.setdefault(str(size), float(loss.detach()))
     tokens = batch_size * seq_len
     return {size: {"step_seconds_median": statistics.median(values), "tokens_per_second": tokens /

@@ -272,6 +272,15 @@ def _check_and_map(
     return converted
 
 
+def _require_modality(state_dict: dict[str, torch.Tensor], prefixes: tuple[str, ...], modality: str) -> None:
+    """Raises ValueError, naming the file's first keys, when the state dict has no key of the modality."""
+    if not any(key.startswith(prefixes) for key in state_dict):
+        raise ValueError(
+            f"The state dict has no ImageBind {modality} keys (modality_*.{modality}.*); is this Meta's "
+            f"imagebind_huge.pth? First keys: {list(state_dict)[:5]}"
+        )
+
+
 def convert_imagebind_state_dict(
     state_dict: dict[str, torch.Tensor], config: ImageBindVisionConfig | None = None
 ) -> dict[str, torch.Tensor]:
@@ -288,11 +297,7 @@ def convert_imagebind_state_dict(
     Raises:
         ValueError: listing missing vision keys, unexpected vision keys and keys whose shape is wrong.
     """
-    if not any(key.startswith(VISION_PREFIXES) for key in state_dict):
-        raise ValueError(
-            "The state dict has no ImageBind vision keys (modality_*.vision.*); is this Meta's imagebind_huge.pth? "
-            f"First keys: {list(state_dict)[:5]}"
-        )
+    _require_modality(state_dict, VISION_PREFIXES, "vision")
     config = config if config is not None else infer_vision_config(state_dict)
     summary = (
         f"hidden_size={config.hidden_size}, layers={config.num_hidden_layers}, "
@@ -313,11 +318,7 @@ def convert_imagebind_audio_state_dict(
     Raises:
         ValueError: listing missing audio keys, unexpected audio keys and keys whose shape is wrong.
     """
-    if not any(key.startswith(AUDIO_PREFIXES) for key in state_dict):
-        raise ValueError(
-            "The state dict has no ImageBind audio keys (modality_*.audio.*); is this Meta's imagebind_huge.pth? "
-            f"First keys: {list(state_dict)[:5]}"
-        )
+    _require_modality(state_dict, AUDIO_PREFIXES, "audio")
     config = config if config is not None else infer_audio_config(state_dict)
     summary = (
         f"hidden_size={config.hidden_size}, layers={config.num_hidden_layers}, "

@@ -2,17 +2,21 @@
 
 Importing the package registers its config, model, tokenizer and processor with the transformers Auto classes (and
 the "mm-llama-chat" pipeline task), so `AutoModelForCausalLM.from_pretrained(folder)` and
-`AutoProcessor.from_pretrained(folder)` load MM-LLaMA checkpoints. The public names below are imported on first use.
+`AutoProcessor.from_pretrained(folder)` load MM-LLaMA checkpoints in every process that imported `mm_llama`. The
+public names below are imported on first use.
 
-One exception: in a process started as the `mm-llama` command or as one of the repository's `scripts/*.py`, the
-registration waits until a command needs it (`mm_llama.cli` calls `register_auto_classes()`), so that `--help` and
-argument errors answer at once instead of after the ~5 s import of torch and transformers.
+The registration is unconditional but happens when transformers is there to register with: at once if transformers
+is already imported, otherwise right after its import (no Auto class can be reached before that). So `mm-llama
+<command> --help`, which imports neither torch nor transformers, still answers at once.
 """
 
 from __future__ import annotations
 
+import importlib.abc
+import importlib.machinery
+import importlib.util
 import sys
-from pathlib import Path
+from typing import Any
 
 from ._lazy import lazy_getattr
 
@@ -34,7 +38,7 @@ _registered = False
 
 def register_auto_classes() -> None:
     """Registers MM-LLaMA (and ImageBind) with the transformers Auto classes and the "mm-llama-chat" pipeline task.
-    Idempotent; runs at `import mm_llama` except in command-line processes (see the module docstring)."""
+    Idempotent; `import mm_llama` runs it (see the module docstring)."""
     global _registered
     if _registered:
         return
@@ -64,17 +68,52 @@ def register_auto_classes() -> None:
 __getattr__ = lazy_getattr(__name__, _PUBLIC_NAMES, before_import=register_auto_classes)
 
 
-def _started_as_command_line_tool() -> bool:
-    """Whether this process runs the `mm-llama` console script or one of this repository's scripts/*.py."""
-    program = Path(sys.argv[0]) if sys.argv and sys.argv[0] else None
-    if program is None:
-        return False
-    if program.name in ("mm-llama", "mm-llama.exe"):
-        return True
-    return program.suffix == ".py" and program.resolve().parent == Path(__file__).resolve().parents[1] / "scripts"
+class _RegisterWhenTransformersArrives(importlib.abc.MetaPathFinder):
+    """Runs `register_auto_classes()` as soon as transformers is imported, or, when the import came from inside an
+    mm_llama module, as soon as the outermost mm_llama module being imported is complete (registering imports
+    mm_llama modules, which must not be half-initialised then). Watches only `transformers` and `mm_llama.*`
+    imports, finds them with the other finders, and leaves `sys.meta_path` once the registration is done."""
+
+    def __init__(self) -> None:
+        self.running = 0  # mm_llama modules whose code is executing now (nested imports)
+        self.transformers_imported = False
+
+    def find_spec(self, fullname: str, path: Any = None, target: Any = None) -> importlib.machinery.ModuleSpec | None:
+        if _registered:
+            if self in sys.meta_path:
+                sys.meta_path.remove(self)
+            return None
+        if fullname != "transformers" and not fullname.startswith(f"{__name__}."):
+            return None
+        for finder in sys.meta_path:
+            spec = finder.find_spec(fullname, path, target) if finder is not self and hasattr(finder, "find_spec") \
+                else None
+            if spec is not None:
+                break
+        else:
+            return None
+        if spec.loader is not None and hasattr(spec.loader, "exec_module"):
+            # Each spec gets its own loader object: wrapping its exec_module changes no other module's import.
+            spec.loader.exec_module = self._wrap(spec.loader.exec_module, is_ours=fullname != "transformers")
+        return spec
+
+    def _wrap(self, exec_module: Any, is_ours: bool) -> Any:
+        def exec_then_register(module: Any) -> None:
+            self.running += is_ours
+            try:
+                exec_module(module)
+            finally:
+                self.running -= is_ours
+            self.transformers_imported |= not is_ours
+            if self.transformers_imported and self.running == 0:
+                register_auto_classes()
+
+        return exec_then_register
 
 
-if not _started_as_command_line_tool():
+if "transformers" in sys.modules:
     register_auto_classes()
+elif not any(isinstance(finder, _RegisterWhenTransformersArrives) for finder in sys.meta_path):
+    sys.meta_path.insert(0, _RegisterWhenTransformersArrives())
 
 __all__ = [*_PUBLIC_NAMES, "register_auto_classes", "__version__"]

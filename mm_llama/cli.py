@@ -294,6 +294,26 @@ def _web_parser(parser: argparse.ArgumentParser) -> None:
                         help="media files per conversation (default 1, as the original MM-LLaMA's demo)")
 
 
+def check_port_available(host: str, port: int, flag: str = "--port") -> None:
+    """Raises CommandError naming `flag` when `host:port` cannot be bound (busy, or not an address of this machine),
+    so that a server fails before minutes of model loading rather than after."""
+    import socket
+
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except socket.gaierror as error:
+        raise CommandError(f"cannot serve on {host}:{port}: {error.strerror}; check --host", 2) from error
+    family, _, _, _, address = infos[0]
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        # SO_REUSEADDR as servers set it: a port in TIME_WAIT from a server that just stopped counts as free.
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind(address)
+        except OSError as error:
+            raise CommandError(f"cannot serve on {host}:{port} ({error.strerror}): another program uses that port; "
+                               f"pick a free one with {flag} PORT", 2) from error
+
+
 def _run_web(args: argparse.Namespace) -> int:
     import importlib.util
 
@@ -301,6 +321,7 @@ def _run_web(args: argparse.Namespace) -> int:
         raise CommandError('gradio is not installed; the web demo needs it: pip install "mm-llama[web]"')
     if args.concurrency < 1:
         raise CommandError(f"--concurrency must be >= 1, got {args.concurrency}", 2)
+    check_port_available(args.host, args.port)
     from .generation import GenerationSettings
     from .web import WebChat, build_app, launch
 
@@ -565,6 +586,18 @@ def _run_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _serve_parser(parser: argparse.ArgumentParser) -> None:
+    from .serving.command import build_parser  # argparse only: nothing heavy
+
+    build_parser(parser)
+
+
+def _run_serve(args: argparse.Namespace) -> int:
+    from .serving.command import run
+
+    return run(args)
+
+
 # ---------------------------------------------------------------------------------------------------- dispatch
 
 COMMANDS: dict[str, Command] = {
@@ -575,6 +608,8 @@ COMMANDS: dict[str, Command] = {
     "chat": Command("Chat with a model: interactive, one-shot, or a batch file.", _chat_parser, _run_chat),
     "web": Command("Browser chat demo (Gradio): one process, streamed answers, a queue for concurrent users.",
                    _web_parser, _run_web),
+    "serve": Command("OpenAI-compatible HTTP API (chat completions, streaming, batched decoding) in one process.",
+                     _serve_parser, _run_serve),
     "evaluate": Command("Loss / answer-token accuracy on a dataset split, and generation QA.", _evaluate_parser,
                         _run_evaluate),
     "convert-meta": Command("Meta LLaMA-2 checkpoint (consolidated.*.pth) -> Hugging Face LLaMA folder.",
@@ -610,10 +645,8 @@ def run_command(name: str, argv: Sequence[str]) -> int:
             return _run_train(argv)
         command = COMMANDS[name]
         args = _parser(name, command).parse_args(list(argv))  # --help and argument errors exit here, fast
-        import mm_llama
         from .imagebind.processing_imagebind import MediaLoadError
 
-        mm_llama.register_auto_classes()
         try:
             return command.run(args)
         except (FileNotFoundError, ValueError, MediaLoadError, OSError) as error:
@@ -642,4 +675,4 @@ def main(argv: Sequence[str] | None = None) -> int:
     return run_command(argv[0], argv[1:])
 
 
-__all__ = ["COMMANDS", "CommandError", "main", "run_command"]
+__all__ = ["COMMANDS", "CommandError", "check_port_available", "main", "run_command"]

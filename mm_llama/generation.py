@@ -285,11 +285,20 @@ class GenerationSettings:
 
 
 def generate(model: torch.nn.Module, processor: MMLlamaProcessor, inputs: BatchFeature,
-             settings: GenerationSettings, streamer: Any | None = None) -> list[str]:
-    """Runs `model.generate` on prepared inputs; returns each row's new text (special tokens dropped, stripped)."""
+             settings: GenerationSettings, streamer: Any | None = None,
+             stopping_criteria: Sequence[Any] | None = None) -> list[str]:
+    """Runs `model.generate` on prepared inputs; returns each row's new text (special tokens dropped, stripped).
+
+    `stopping_criteria`: extra transformers `StoppingCriteria`; one that returns a `[batch]` bool tensor finishes
+    those rows only (a server ends a cancelled request's row this way while the rest of the batch goes on)."""
     model_inputs = inputs.to(next(model.parameters()).device)  # the model casts media to its projector's dtype
+    extra: dict[str, Any] = {}
+    if stopping_criteria:
+        from transformers import StoppingCriteriaList
+
+        extra["stopping_criteria"] = StoppingCriteriaList(stopping_criteria)
     with torch.no_grad():
-        sequences = model.generate(**model_inputs, **settings.generate_kwargs(processor), streamer=streamer)
+        sequences = model.generate(**model_inputs, **settings.generate_kwargs(processor), streamer=streamer, **extra)
     new_tokens = sequences[:, model_inputs["input_ids"].shape[1]:]
     return [text.strip() for text in processor.batch_decode(new_tokens, skip_special_tokens=True)]
 

@@ -26,7 +26,7 @@ def gpu_train():
 
 
 @pytest.mark.slow
-def test_tiny_run_measures_every_stage_generation_and_the_encoder(tmp_path):
+def test_tiny_run_measures_every_stage_generation_and_the_encoder(gpu_train, tmp_path):
     output = tmp_path / "gpu_train.json"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get(
         "PYTHONPATH", "")]), "CUDA_VISIBLE_DEVICES": ""}
@@ -37,9 +37,11 @@ def test_tiny_run_measures_every_stage_generation_and_the_encoder(tmp_path):
     report = json.loads(output.read_text())
     assert json.loads(result.stdout) == report
     assert report["device"].startswith("CPU") and report["peak_bf16_tflops_assumed"] is None
+    # QLoRA is skipped exactly where bitsandbytes cannot run a 4-bit layer on this CPU, with that reason.
+    unavailable = gpu_train.qlora_unavailable(torch.device("cpu"))
+    assert report["stage2_qlora_nf4"].get("skipped") == unavailable
     for stage in ("stage1", "stage2_lora", "stage2_qlora_nf4"):
-        if "skipped" in report[stage]:  # bitsandbytes without a CPU 4-bit backend
-            assert stage == "stage2_qlora_nf4"
+        if "skipped" in report[stage]:
             continue
         assert set(report[stage]) == {"2x64", "1x64"}, stage
         for record in report[stage].values():
@@ -83,6 +85,39 @@ def test_model_flops_of_a_stage1_step(gpu_train):
     projector = batch * 2 * 32 * h * 3  # forward + input and weight gradients of the trained projector
     expected = (linear + attention) + (linear + 2 * attention) + projector
     assert gpu_train.training_flops(model, config, batch, seq, trained, projector_trainable=True) == expected
+
+
+QLORA_ONLY = ["--tiny", "--stages", "qlora", "--skip_generation", "--skip_imagebind", "--steps", "1", "--warmup", "0",
+              "--device", "cpu"]
+
+
+def test_a_qlora_error_fails_the_run(gpu_train, monkeypatch):
+    """Only bitsandbytes being unable to run 4-bit here skips QLoRA: a broken QLoRA set-up is an error, which makes
+    `python gpu_train.py` exit non-zero (the benchmark of a QLoRA regression must not pass as "skipped")."""
+    import mm_llama.loading
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("simulated QLoRA set-up regression")
+
+    monkeypatch.setattr(gpu_train, "qlora_unavailable", lambda device: None)  # whatever this machine's bitsandbytes
+    monkeypatch.setattr(mm_llama.loading, "quantization_config", broken)
+    with pytest.raises(RuntimeError, match="simulated QLoRA set-up regression"):
+        gpu_train.main(QLORA_ONLY)
+
+
+def test_qlora_is_skipped_where_bitsandbytes_cannot_run_4bit(gpu_train, monkeypatch, capsys):
+    bnb = pytest.importorskip("bitsandbytes")
+
+    def no_backend(self, x):  # what a bitsandbytes build without this machine's kernels raises
+        raise NotImplementedError("Could not run 'bitsandbytes::gemv_4bit' with arguments from the 'CPU' backend.")
+
+    monkeypatch.setattr(bnb.nn.Linear4bit, "forward", no_backend)
+    reason = gpu_train.qlora_unavailable(torch.device("cpu"))
+    assert reason == ("bitsandbytes cannot run a 4-bit layer on cpu here: NotImplementedError: Could not run "
+                      "'bitsandbytes::gemv_4bit' with arguments from the 'CPU' backend.")
+    report = gpu_train.main(QLORA_ONLY)
+    assert report["stage2_qlora_nf4"] == {"skipped": reason}
+    assert json.loads(capsys.readouterr().out)["stage2_qlora_nf4"] == {"skipped": reason}
 
 
 def test_real_shapes_need_a_gpu(gpu_train, monkeypatch, capsys):

@@ -10,6 +10,7 @@ import json
 import logging
 import math
 import os
+import shutil
 import subprocess
 import sys
 import warnings
@@ -194,14 +195,14 @@ def instances(monkeypatch):
 
 def model_args(bench, checkpoint: int = 0, cache: str = "cache", **extra) -> str:
     args = {"pretrained": bench["checkpoints"][checkpoint], "imagebind": bench["imagebind"], "device": "cpu",
-            "embedding_cache": bench["root"] / cache, "batch_size": 3, **extra}
+            "embedding_cache": bench["root"] / cache, **extra}
     return ",".join(f"{key}={value}" for key, value in args.items())
 
 
-def run_tasks(bench, args: str, tasks=(TASK, MC_TASK)) -> dict:
-    manager = TaskManager("WARNING", include_path=str(bench["tasks"]), include_defaults=False)
+def run_tasks(bench, args: str, tasks=(TASK, MC_TASK), include_path=None, batch_size: int = 3) -> dict:
+    manager = TaskManager("WARNING", include_path=str(include_path or bench["tasks"]), include_defaults=False)
     return simple_evaluate(model="mm_llama", model_args=args, tasks=list(tasks), task_manager=manager,
-                           batch_size=1, bootstrap_iters=0, log_samples=True, verbosity="WARNING")
+                           batch_size=batch_size, bootstrap_iters=0, log_samples=True, verbosity="WARNING")
 
 
 def direct_embedding(encoder, media_type: str, path: Path) -> torch.Tensor:
@@ -236,13 +237,20 @@ def test_entry_point_registers_the_model():
     assert get_model("mm_llama") is MMLlamaLMM
 
 
+def test_lmms_eval_models_command_lists_the_model():
+    listing = subprocess.run([sys.executable, "-m", "lmms_eval", "models"], capture_output=True, text=True,
+                             timeout=120, check=True).stdout
+    rows = {line.split()[0]: line.split()[1:] for line in listing.splitlines() if line.strip()}
+    assert rows.get("mm_llama") == ["simple"], listing[-2000:]
+
+
 def test_tasks_run_through_lmms_eval_with_the_right_media_and_a_warm_cache(bench, forward_calls, instances, caplog,
                                                                           capsys):
     caplog.set_level(logging.WARNING, logger=plugin.__name__)
     results = run_tasks(bench, model_args(bench))
     first_run_forwards = len(forward_calls)  # (the checks below run the encoder themselves)
     lm = instances[-1]
-    assert lm.batch_size == 3  # batch_size in model_args wins over lmms-eval's own --batch_size (default 1)
+    assert lm.batch_size == results["config"]["batch_size"] == 3  # lmms-eval's batch_size, the one it reports
 
     # Metrics come back for both tasks.
     metrics = results["results"]
@@ -309,6 +317,64 @@ def test_tasks_run_through_lmms_eval_with_the_right_media_and_a_warm_cache(bench
     assert lm2.media_by_doc == lm.media_by_doc
     assert f"{len(GOOD)} found in the cache (100.0% hits), 0 embedded with ImageBind" in capsys.readouterr().out
     assert "pope_accuracy,none" in rerun["results"][TASK]
+
+
+SCORED_TASK = "mm_llama_tiny_mc_scored"
+SCORED_CHOICES = ["yes", "no", "red", "blue"]
+SCORED_YAML = f'''
+task: {SCORED_TASK}
+dataset_path: @DATA@
+dataset_kwargs:
+  load_from_disk: true
+test_split: test
+output_type: multiple_choice
+doc_to_visual: !function tiny_task_utils.doc_to_visual
+doc_to_text: "{{{{question}}}}"
+doc_to_choice: {json.dumps(SCORED_CHOICES)}
+doc_to_target: label
+metric_list:
+  - metric: acc
+  - metric: acc_norm
+metadata:
+  - version: 0.0
+'''
+
+
+def test_lmms_evals_multiple_choice_scoring_takes_the_most_likely_choice_and_fails_unusable_media(bench, tmp_path):
+    """A 4-choice task scored by lmms-eval itself (its requests, its process_results): each good document's answer is
+    the choice that MM-LLaMA finds most likely (computed here directly), so acc is 1 on each of them; the documents
+    with unusable media score 0 on every metric, whichever choice is right (choice 0 included, which a tie picks)."""
+    from datasets import Dataset, DatasetDict
+    from transformers import AutoModelForCausalLM
+
+    from mm_llama import MMLlamaProcessor
+
+    model = AutoModelForCausalLM.from_pretrained(bench["checkpoints"][0]).eval()
+    processor = MMLlamaProcessor.from_pretrained(bench["checkpoints"][0])
+    encoder = ImageBindVisionModel.from_pretrained(bench["imagebind"]).eval()
+    rows, most_likely = [], {}
+    for doc_id, row in enumerate(bench["rows"]):
+        if doc_id in GOOD:
+            media_type = row["media_type"]
+            embedding = direct_embedding(encoder, media_type, bench["media"] / row["file"])
+            logprobs = [direct_loglikelihood(model, processor, row["question"], " " + choice, media_type, embedding)[0]
+                        for choice in SCORED_CHOICES]
+            most_likely[doc_id] = int(np.argmax(logprobs))
+            assert sorted(logprobs)[-1] > sorted(logprobs)[-2]  # no tie
+        rows.append({**row, "label": most_likely.get(doc_id, {5: 0, 6: 3, 7: 0}.get(doc_id))})
+    tasks = tmp_path / "tasks"
+    shutil.copytree(bench["tasks"] / "media", tasks / "media")
+    (tasks / "tiny_task_utils.py").write_text(TASK_UTILS)
+    DatasetDict({"test": Dataset.from_list(rows)}).save_to_disk(str(tmp_path / "data"))
+    (tasks / f"{SCORED_TASK}.yaml").write_text(SCORED_YAML.replace("@DATA@", str(tmp_path / "data")))
+
+    results = run_tasks(bench, model_args(bench, cache="scored_cache"), tasks=[SCORED_TASK], include_path=tasks)
+    scores = {sample["doc_id"]: sample for sample in results["samples"][SCORED_TASK]}
+    for doc_id in GOOD:
+        assert scores[doc_id]["acc"] == 1.0, (doc_id, scores[doc_id]["filtered_resps"])
+    for doc_id in BAD:
+        assert (scores[doc_id]["acc"], scores[doc_id]["acc_norm"]) == (0, 0)
+    assert results["results"][SCORED_TASK]["acc,none"] == pytest.approx(len(GOOD) / len(DOCS))
 
 
 @pytest.fixture(scope="module")
@@ -410,13 +476,13 @@ def test_loglikelihood_equals_the_continuations_log_probability(bench, lm):
         expected.append(direct_loglikelihood(model, processor, "", " no", None, None))
         other_image = direct_loglikelihood(model, processor, "Is there a red square?", " yes", *doc_media[1])
 
-    for (logprob, greedy), (expected_logprob, expected_greedy) in zip(got, expected):
-        assert logprob == pytest.approx(expected_logprob, abs=1e-4)
+    for (loss, greedy), (expected_logprob, expected_greedy) in zip(got, expected):
+        assert loss == pytest.approx(-expected_logprob, abs=1e-4)  # lmms-eval's scores are losses
         assert greedy == expected_greedy
     assert got[1][0] != pytest.approx(got[0][0])  # the continuation matters
-    assert got[0][0] != pytest.approx(other_image[0])  # and so does the image
+    assert got[0][0] != pytest.approx(-other_image[0])  # and so does the image
     assert got[4][1] is True and got[2][1] is False
-    assert got[6] == (-math.inf, False)
+    assert got[6] == (math.inf, False)  # a plain doc_to_visual names no task: the largest loss
     assert ("t", "test", 5) in lm.bad_media
 
 
@@ -458,6 +524,29 @@ def test_every_document_failing_is_an_error_not_empty_answers(bench, lm):
         lm.generate_until(requests)
 
 
+def test_batch_size_is_lmms_evals_so_that_its_report_is_right(bench):
+    """lmms-eval prints its --batch_size in the results header (and records it in results["config"]): a different
+    batch_size in --model_args is refused before the model loads, an equal one is accepted."""
+    args = f"pretrained={bench['checkpoints'][0]},imagebind={bench['imagebind']},device=cpu,embedding_cache=none"
+    with pytest.raises(ValueError, match=r"batch_size=8 in --model_args differs from lmms-eval's --batch_size "
+                                         r"\(1; 1 when not given\).*--batch_size 8"):
+        MMLlamaLMM.create_from_arg_string(args + ",batch_size=8", {"batch_size": "1", "device": None})
+    lm = MMLlamaLMM.create_from_arg_string(args + ",batch_size=4", {"batch_size": "4", "max_batch_size": None})
+    assert lm.batch_size == 4
+
+
+def test_decoding_options_reach_the_one_decoding_route(bench):
+    """`compile=` / `prompt_lookup_num_tokens=` become the model's DecodingOptions, which generation.generate uses."""
+    from mm_llama.generation import decoding_options
+
+    args = f"pretrained={bench['checkpoints'][0]},imagebind={bench['imagebind']},device=cpu,embedding_cache=none"
+    lm = MMLlamaLMM.create_from_arg_string(args + ",compile=True,prompt_lookup_num_tokens=4", {"batch_size": "1"})
+    options = decoding_options(lm.model)
+    assert (options.compile, options.prompt_lookup_num_tokens) == (True, 4)
+    with pytest.raises(ValueError, match="prompt_lookup_num_tokens must be a positive integer"):
+        MMLlamaLMM.create_from_arg_string(args + ",prompt_lookup_num_tokens=0", {"batch_size": "1"})
+
+
 def test_clear_errors_for_wrong_model_args(bench):
     with pytest.raises(TypeError, match="unknown model_args \\['temprature'\\]"):
         MMLlamaLMM(pretrained=str(bench["checkpoints"][0]), temprature=0.2)
@@ -479,6 +568,7 @@ def test_command_line_run_writes_results_and_the_summary(bench, tmp_path):
         capture_output=True, text=True, timeout=600, env=env, cwd=tmp_path, check=False,
     )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "batch_size: 2" in result.stdout  # lmms-eval's results header: the batch size the model used
     assert f"{len(GOOD)} distinct media, 0 found in the cache (0.0% hits), {len(GOOD)} embedded" in result.stdout
     assert "3 documents had unusable media" in result.stdout
     for doc_id in BAD:  # each warning reaches the terminal too

@@ -6,6 +6,7 @@ from __future__ import annotations
 import ast
 import os
 import shutil
+import site
 import subprocess
 import sys
 import textwrap
@@ -120,15 +121,29 @@ def test_the_library_never_reaches_into_the_repository():
         assert "runpy" not in text and "REPO_ROOT" not in text, path
 
 
+def see_this_environments_packages(python: Path) -> None:
+    """Makes the virtual environment of `python` see the packages of the environment running the tests, after its
+    own: a `.pth` file of plain paths in its site-packages (plain paths, so the `.pth` files found there, this
+    checkout's editable install among them, are not run). `venv --system-site-packages` would not do: it shows the
+    BASE interpreter's packages, which are these only where the tests run outside a virtual environment; after
+    README's install (a venv) they are none of them."""
+    own = subprocess.run([str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+                         capture_output=True, text=True, timeout=120, check=True).stdout.strip()
+    ours = site.getsitepackages() + ([site.getusersitepackages()] if site.ENABLE_USER_SITE else [])
+    (Path(own) / "_tested_environment.pth").write_text("".join(f"{path}\n" for path in ours if Path(path).is_dir()))
+
+
 @pytest.mark.slow
 def test_non_editable_install_runs_the_commands_outside_the_repository(tmp_path):
     """`pip install .` (not editable) into a fresh venv, then `mm-llama` from another folder: --help, and the demo at
     its tiny size for 2 steps (its recipes come from the installed package). The venv sees this environment's
-    packages (the CPU torch wheel, transformers, ...), so only MM-LLaMA itself is installed, from a copy of the
-    working tree: what is tested is that the installed package needs nothing from the repository."""
+    packages (the CPU torch wheel, transformers, ...; `see_this_environments_packages`), so only MM-LLaMA itself is
+    installed, from a copy of the working tree: what is tested is that the installed package needs nothing from the
+    repository."""
     venv = tmp_path / "venv"
-    subprocess.run([sys.executable, "-m", "venv", "--system-site-packages", str(venv)], check=True, timeout=300)
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=300)
     python = venv / "bin" / "python"
+    see_this_environments_packages(python)
     source = tmp_path / "src"  # the working tree without git data, build artefacts or demo outputs at its top
 
     def ignored(folder: str, names: list[str]) -> set[str]:

@@ -15,9 +15,20 @@ MODEL_CLASS_PATH = "mm_llama.lmms_eval.model.MMLlamaLMM"
 
 def manifest():
     """The `lmms_eval.models` entry point's payload: a `ModelManifest` naming `MMLlamaLMM` (a "simple" model: it takes
-    the task's prompt text and media, and applies MM-LLaMA's own chat template)."""
+    the task's prompt text and media, and applies MM-LLaMA's own chat template).
+
+    lmms-eval 0.7.3 calls it while `lmms_eval.models` builds its registry, which is all that `--model mm_llama` needs.
+    Its `models` command, however, lists the `AVAILABLE_SIMPLE_MODELS` / `AVAILABLE_CHAT_TEMPLATE_MODELS` tables,
+    which only the built-in models and the deprecated `LMMS_EVAL_PLUGINS` path fill in; the model is added to the
+    first one here, with its full class path, as that path adds a plugin model.
+    """
+    import importlib
+
     from lmms_eval.models.registry_v2 import ModelManifest
 
+    listed = getattr(importlib.import_module("lmms_eval.models"), "AVAILABLE_SIMPLE_MODELS", None)
+    if isinstance(listed, dict):
+        listed.setdefault(MODEL_ID, MODEL_CLASS_PATH)
     return ModelManifest(model_id=MODEL_ID, simple_class_path=MODEL_CLASS_PATH)
 
 

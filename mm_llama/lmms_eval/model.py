@@ -1,20 +1,23 @@
-"""`MMLlamaLMM`: MM-LLaMA behind lmms-eval's model interface (`--model mm_llama`).
+"""`MMLlamaLMM`: MM-LLaMA behind lmms-eval's model interface (`--model mm_llama`). Over 400 lines because it is one
+lmms-eval model class with its request handling, error accounting and summary.
 
 Each request names a document; the task's `doc_to_visual(doc)` gives its media (PIL images, or image / video file
 paths). Media are embedded with ImageBind (the model's vision tower, or `imagebind=FOLDER`) through an on-disk cache
 (`cache.py`), the task's prompt becomes one user turn with the media after its text in MM-LLaMA's Meta-exact LLaMA-2
 template, and answers are generated in left-padded batches (`mm_llama.generation`).
 
+`loglikelihood` returns lmms-eval's (loss, is_greedy) pairs: a continuation's negative log-likelihood, lower is better
+(`scoring.py` gives lmms-eval's convention).
+
 Bad media (an unreadable image or video, or a task that cannot load a document's media) never stop a run: the
-document gets an empty answer (`generate_until`) or a log-probability of -inf for every continuation
-(`loglikelihood`), a warning names its task and doc id, and `clean()` (which lmms-eval calls once all requests are
-answered) prints how many documents were affected, next to the embedding cache's hit rate.
+document gets an empty answer (`generate_until`) or, for `loglikelihood`, scores that lmms-eval counts as wrong
+(`scoring.unusable_media_score`), a warning names its task and doc id, and `clean()` (which lmms-eval calls once all
+requests are answered) prints how many documents were affected, next to the embedding cache's hit rate.
 """
 
 from __future__ import annotations
 
 import logging
-import math
 import os
 from dataclasses import astuple
 from pathlib import Path
@@ -27,17 +30,21 @@ from lmms_eval.api.model import lmms
 from lmms_eval.utils import simple_parse_args_string
 from tqdm.auto import tqdm
 
-from ..generation import GenerationSettings, generate_batched, infer_media_type, prompt_conversation
+from ..generation import (DecodingOptions, GenerationSettings, generate_batched, infer_media_type, prompt_conversation,
+                          set_decoding_options)
 from ..imagebind.processing_imagebind import MediaLoadError
 from ..loading import load_model
 from ..processing_mm_llama import IGNORE_INDEX
 from .cache import CachedMediaEmbedder, default_cache_dir
+from .scoring import RIGHT_CHOICE_WITHOUT_MEDIA, Score, loss_score, task_of, unusable_media_score
 
 logger = logging.getLogger(__name__)
 
-# The `--model_args` keys, as the README lists them (lmms-eval adds batch_size / device / max_batch_size itself).
+# The `--model_args` keys, as docs/benchmarks.md lists them (lmms-eval adds batch_size / device / max_batch_size itself;
+# lmms-eval's --batch_size is the batch size, see `create_from_arg_string`).
 MODEL_ARGS = ("pretrained", "imagebind", "base_model", "device", "dtype", "load_in_4bit", "batch_size",
-              "max_new_tokens", "system_prompt", "embedding_cache", "max_batch_size")
+              "max_new_tokens", "system_prompt", "embedding_cache", "max_batch_size", "compile",
+              "prompt_lookup_num_tokens")
 DEFAULT_MAX_NEW_TOKENS = 256  # when neither the task nor model_args give one
 LISTED_BAD_DOCS = 20  # documents named in the end-of-run summary (each one also had its own warning)
 
@@ -69,7 +76,7 @@ class MMLlamaLMM(lmms):
         device: "cuda", "cuda:1", "cpu" (default: the first GPU, else CPU).
         dtype: "bfloat16" / "float16" / "float32" (default: bfloat16 on GPU, float32 on CPU).
         load_in_4bit: quantise the language model to nf4 (bitsandbytes).
-        batch_size: prompts per generation / scoring batch.
+        batch_size: prompts per generation / scoring batch (lmms-eval's `--batch_size`).
         max_new_tokens: upper bound on generated tokens per answer (the task's own value applies when it is lower;
             256 when neither gives one).
         system_prompt: a system prompt (or a file holding one); none by default.
@@ -83,7 +90,8 @@ class MMLlamaLMM(lmms):
     def __init__(self, pretrained: str, imagebind: str | None = None, base_model: str | None = None,
                  device: str | None = None, dtype: str | None = None, load_in_4bit: bool = False,
                  batch_size: int | str = 1, max_new_tokens: int | None = None, system_prompt: str | None = None,
-                 embedding_cache: str | bool | None = None, max_batch_size: int | None = None, **unknown: Any):
+                 embedding_cache: str | bool | None = None, max_batch_size: int | None = None,
+                 compile: bool = False, prompt_lookup_num_tokens: int | None = None, **unknown: Any):
         super().__init__()
         if unknown:
             raise TypeError(f"mm_llama: unknown model_args {sorted(unknown)}; the known ones are "
@@ -95,6 +103,9 @@ class MMLlamaLMM(lmms):
         self.max_new_tokens = None if max_new_tokens is None else _positive_int(max_new_tokens, "max_new_tokens")
         self.model, self.processor = load_model(pretrained, device=device, dtype=dtype, load_in_4bit=bool(load_in_4bit),
                                                 base_model=base_model)
+        lookup = None if prompt_lookup_num_tokens is None else _positive_int(prompt_lookup_num_tokens,
+                                                                              "prompt_lookup_num_tokens")
+        set_decoding_options(self.model, DecodingOptions(compile=bool(compile), prompt_lookup_num_tokens=lookup))
         self._device = next(self.model.parameters()).device
         self.embedder = CachedMediaEmbedder.for_model(self.model, self.processor, imagebind=imagebind,
                                                       device=self._device, dtype=dtype)
@@ -112,12 +123,17 @@ class MMLlamaLMM(lmms):
 
     @classmethod
     def create_from_arg_string(cls, arg_string: str, additional_config: dict | None = None) -> "MMLlamaLMM":
-        """As lmms-eval's, except that a key given in `--model_args` wins over the same option given to lmms-eval
-        (`--batch_size` has a default of 1, which would otherwise clash with `batch_size=8` in model_args)."""
+        """As lmms-eval's (a key given in `--model_args` wins over lmms-eval's own option of that name), except for the
+        batch size: lmms-eval prints its `--batch_size` (default 1) in the results header and records it in
+        `results["config"]`, so that is the one the model uses, and `batch_size=N` in `--model_args` must agree."""
         args = simple_parse_args_string(arg_string)
-        extra = {key: value for key, value in (additional_config or {}).items()
-                 if value is not None and key not in args}
-        return cls(**args, **extra)
+        extra = {key: value for key, value in (additional_config or {}).items() if value is not None}
+        if "batch_size" in args and "batch_size" in extra and (
+                _positive_int(args["batch_size"], "batch_size") != _positive_int(extra["batch_size"], "batch_size")):
+            raise ValueError(f"mm_llama: batch_size={args['batch_size']} in --model_args differs from lmms-eval's "
+                             f"--batch_size ({extra['batch_size']}; 1 when not given), which is what lmms-eval reports "
+                             f"in its results: give the batch size as --batch_size {args['batch_size']}.")
+        return cls(**{**extra, **args})
 
     @property
     def device(self) -> torch.device:
@@ -207,13 +223,14 @@ class MMLlamaLMM(lmms):
                     answers[index] = cut_at_stop_sequences(text, until)
         return answers
 
-    def loglikelihood(self, requests: list[Instance]) -> list[tuple[float, bool]]:
+    def loglikelihood(self, requests: list[Instance]) -> list[Score]:
         """Scores `(context, continuation, doc_to_visual, doc_id, task, split)` requests (and the document-free
         `(context, continuation)` ones of `acc_mutual_info`): the continuation is what the model would say right after
-        the generation prompt for the context (see `score_continuations`); returns (sum of its tokens'
-        log-probabilities, whether greedy decoding gives exactly those tokens). With lmms-eval 0.7.x each pair comes
-        wrapped in a `GenerationResult` (see `_HARNESS_STRINGIFIES_SCORES`); `unwrap_generation_output` unwraps it."""
-        results: list[tuple[float, bool]] = [(-math.inf, False)] * len(requests)
+        the generation prompt for the context (see `score_continuations`); returns lmms-eval's (loss, is_greedy):
+        minus the sum of its tokens' log-probabilities, and whether greedy decoding gives exactly those tokens. A
+        document with unusable media gets `unusable_media_score`s. With lmms-eval 0.7.x each pair comes wrapped in a
+        `GenerationResult` (see `_HARNESS_STRINGIFIES_SCORES`); `unwrap_generation_output` unwraps it."""
+        results: list[Score] = [RIGHT_CHOICE_WITHOUT_MEDIA] * len(requests)
         items: list[tuple[int, list[dict], str]] = []
         keys: set[DocKey] = set()
         for index, request in enumerate(requests):
@@ -224,6 +241,8 @@ class MMLlamaLMM(lmms):
                 keys.add((task, split, doc_id))
                 media = self._document_media(doc_to_visual, task, split, doc_id)
                 if media is None:
+                    results[index] = unusable_media_score(task_of(doc_to_visual), self.task_dict[task][split][doc_id],
+                                                          request.idx)
                     continue
                 continuation = target if isinstance(target, str) else target(self.task_dict[task][split][doc_id])
             conversation = prompt_conversation(str(context), media[0] if media else None, system=self.system_prompt)
@@ -232,8 +251,8 @@ class MMLlamaLMM(lmms):
         for start in tqdm(range(0, len(items), self.batch_size), desc="mm_llama: scoring", disable=not items):
             chunk = items[start:start + self.batch_size]
             scores = self.score_continuations([(conversation, continuation) for _, conversation, continuation in chunk])
-            for (index, _, _), score in zip(chunk, scores):
-                results[index] = score
+            for (index, _, _), (logprob, greedy) in zip(chunk, scores):
+                results[index] = loss_score(logprob, greedy)
         if _HARNESS_STRINGIFIES_SCORES:
             return [GenerationResult(text=score) for score in results]  # type: ignore[arg-type]
         return results
@@ -332,7 +351,7 @@ class MMLlamaLMM(lmms):
                      f"{summary['cache_hits']} found in the cache ({100 * summary['cache_hit_rate']:.1f}% hits), "
                      f"{summary['embedded']} embedded with ImageBind."]
         lines.append(f"mm_llama: {summary['bad_media']} documents had unusable media and were left unanswered "
-                     f"(an empty answer, or -inf for every choice){':' if summary['bad_media'] else '.'}")
+                     f"(an empty answer, or choice scores that count as wrong){':' if summary['bad_media'] else '.'}")
         for doc in summary["bad_media_docs"][:LISTED_BAD_DOCS]:
             lines.append(f"  {doc['task']} ({doc['split']}) doc {doc['doc_id']}: {doc['reason']}")
         if summary["bad_media"] > LISTED_BAD_DOCS:

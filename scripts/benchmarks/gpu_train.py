@@ -20,7 +20,8 @@ Model FLOPs per step, counted as matmul FLOPs (2 per multiply-add):
     flow down to the media placeholder, so through every layer), 2x the attention forward (dQ, dK, dV),
     + 2 x trainable linear parameters per token for weight gradients (projector / LoRA; frozen weights get none);
     activation-checkpointing recomputation is not counted (it is hardware FLOPs, not model FLOPs).
-Prints one JSON object.
+Prints one JSON object. QLoRA is recorded as {"skipped": reason} only where bitsandbytes cannot run 4-bit layers on
+the device (`qlora_unavailable`); any other error in a measurement fails the run (running out of memory is recorded).
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import gc
+import importlib.util
 import json
 import os
 import platform
@@ -227,6 +229,23 @@ def paged_adamw(model: nn.Module, device: torch.device) -> Callable[[], torch.op
     return lambda: bnb.optim.PagedAdamW32bit(params, lr=1e-5)
 
 
+def qlora_unavailable(device: torch.device) -> str | None:
+    """Why bitsandbytes cannot run QLoRA's 4-bit layers on `device` here, or None when it can: the one reason for
+    which the QLoRA measurement is skipped (any other error in it fails the run). Probed with one nf4 layer's
+    forward, in bfloat16 as QLoRA computes, so that a build without a backend for this machine is told apart from a
+    broken QLoRA set-up."""
+    if importlib.util.find_spec("bitsandbytes") is None:
+        return "bitsandbytes is not installed"
+    try:
+        import bitsandbytes as bnb
+
+        layer = bnb.nn.Linear4bit(64, 64, compute_dtype=torch.bfloat16, quant_type="nf4").to(device)
+        layer(torch.ones(2, 64, device=device, dtype=torch.bfloat16))
+    except Exception as error:  # noqa: BLE001  # whatever bitsandbytes raises for an unsupported machine
+        return f"bitsandbytes cannot run a 4-bit layer on {device.type} here: {type(error).__name__}: {error}"
+    return None
+
+
 def build_model(tiny: bool, device: torch.device, dtype: torch.dtype):
     """A random-init MMLlamaForCausalLM (LLaMA-2-7B + linear projector, or the toy version) on `device`."""
     from mm_llama import MMLlamaConfig, MMLlamaForCausalLM
@@ -251,9 +270,10 @@ def stage_runs(args, device: torch.device, dtype: torch.dtype, peak: float | Non
     shapes = [(2, 64), (1, 64)] if args.tiny else [(8, 512), (1, 512)]
     common = dict(device=device, steps=args.steps, warmup=args.warmup, peak_tflops=peak,
                   loss_chunk_size=args.loss_chunk_size)
+    qlora_skipped = qlora_unavailable(device) if "qlora" in args.stages else None  # recorded; the others stand
     model = build_model(args.tiny, device, dtype)
     folder = work_dir / "random_mm_llama"
-    if "qlora" in args.stages:
+    if "qlora" in args.stages and not qlora_skipped:
         model.save_pretrained(folder)  # the 4-bit model is loaded from disk, as training loads it
 
     if "stage1" in args.stages:
@@ -266,7 +286,7 @@ def stage_runs(args, device: torch.device, dtype: torch.dtype, peak: float | Non
         save()
     if "lora" in args.stages:
         model.requires_grad_(False)
-        model = get_peft_model(model, lora_config(model, r=64, alpha=16, dropout=0.05))  # our recipes' LoRA
+        model = get_peft_model(model, lora_config(model))  # our recipes' LoRA (loading.LORA_DEFAULTS)
         upcast_trainable(model)
         results["stage2_lora"] = measure_training(model, adamw(model, device), shapes, projector_trainable=True,
                                                   **common)
@@ -281,15 +301,12 @@ def stage_runs(args, device: torch.device, dtype: torch.dtype, peak: float | Non
                                                            quantization_config=quantization_config("bfloat16"))
             quantized = prepare_model_for_kbit_training(quantized, use_gradient_checkpointing=True,
                                                         gradient_checkpointing_kwargs={"use_reentrant": False})
-            quantized = get_peft_model(quantized, lora_config(quantized, r=64, alpha=16, dropout=0.05))
+            quantized = get_peft_model(quantized, lora_config(quantized))
             upcast_trainable(quantized)
             return measure_training(quantized, paged_adamw(quantized, device), shapes, projector_trainable=True,
                                     **common)
 
-        try:
-            results["stage2_qlora_nf4"] = run_guarded(qlora, device)
-        except Exception as error:  # e.g. no bitsandbytes build for this machine: recorded, the other figures stand
-            results["stage2_qlora_nf4"] = {"skipped": f"{type(error).__name__}: {error}"}
+        results["stage2_qlora_nf4"] = {"skipped": qlora_skipped} if qlora_skipped else run_guarded(qlora, device)
         free_memory(device)
         save()
 

@@ -187,15 +187,35 @@ def _model_arguments(parser: argparse.ArgumentParser) -> None:
                                             "images/videos for a model without a vision tower, and raw audio when "
                                             "converted with --modality all")
     parser.add_argument("--base_model", help="stage-1 folder for a stage-2 adapter MODEL, if not the recorded one")
+    decoding = parser.add_argument_group("decoding speed (same answers; see docs/generation.md)")
+    decoding.add_argument("--compile", action="store_true",
+                          help="static KV cache + torch.compile'd decoding step (CUDA graphs on a GPU); the first "
+                               "answer of each batch size waits for the compilation (ignored with --load_in_4bit)")
+    decoding.add_argument("--prompt_lookup_num_tokens", type=int, default=None, metavar="N",
+                          help="prompt-lookup decoding: verify up to N tokens copied from the prompt per step; pays "
+                               "for long answers that quote the prompt (one conversation at a time)")
 
 
 def _load_for_inference(args: argparse.Namespace, with_media: bool = True, cache_size: int | None = None):
-    """(model, processor, embedder) for a command's `_model_arguments`."""
-    from .generation import MediaEmbedder
+    """(model, processor, embedder) for a command's `_model_arguments`; the model decodes with their --compile /
+    --prompt_lookup_num_tokens (`generation.set_decoding_options`)."""
+    from .generation import DecodingOptions, MediaEmbedder, set_decoding_options
     from .loading import load_model
 
+    lookup = getattr(args, "prompt_lookup_num_tokens", None)
+    if lookup is not None and lookup < 1:  # before minutes of model loading
+        raise CommandError(f"--prompt_lookup_num_tokens must be >= 1, got {lookup}", 2)
     model, processor = load_model(args.model, device=args.device, dtype=args.dtype,
                                   load_in_4bit=args.load_in_4bit, base_model=args.base_model)
+    options = set_decoding_options(model, DecodingOptions(compile=getattr(args, "compile", False),
+                                                          prompt_lookup_num_tokens=lookup))
+    if options.compile:  # say when an answer waits for a compilation (once per batch size and cache length)
+        generation_logger = logging.getLogger("mm_llama.generation")
+        generation_logger.setLevel(logging.INFO)
+        if not logging.getLogger().handlers and not generation_logger.handlers:
+            handler = logging.StreamHandler(sys.stderr)
+            handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+            generation_logger.addHandler(handler)
     embedder = MediaEmbedder.for_model(model, processor, imagebind=args.imagebind, device=args.device,
                                        dtype=args.dtype, cache_size=cache_size) if with_media else None
     return model, processor, embedder
@@ -468,9 +488,10 @@ def _merge_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dtype", choices=DTYPE_CHOICES, help="merge: dtype to merge and save in (default: as saved)")
     parser.add_argument("--push_to_hub", metavar="REPO", help="merge: also upload the merged folder to this Hub repo")
     parser.add_argument("--public", action="store_true", help="with --push_to_hub: create a public repo")
-    parser.add_argument("--lora_r", type=int, default=64, help="stage2-start: LoRA rank (our recipes' 64)")
-    parser.add_argument("--lora_alpha", type=float, default=16, help="stage2-start: LoRA alpha")
-    parser.add_argument("--lora_dropout", type=float, default=0.05, help="stage2-start: LoRA dropout")
+    # No defaults here: unset values fall back to mm_llama.loading.LORA_DEFAULTS (the recipes' LoRA), declared once.
+    parser.add_argument("--lora_r", type=int, help="stage2-start: LoRA rank (default: the recipes' LoRA)")
+    parser.add_argument("--lora_alpha", type=float, help="stage2-start: LoRA alpha (default: the recipes' LoRA)")
+    parser.add_argument("--lora_dropout", type=float, help="stage2-start: LoRA dropout (default: the recipes' LoRA)")
 
 
 def _run_merge(args: argparse.Namespace) -> int:
@@ -484,7 +505,8 @@ def _run_merge(args: argparse.Namespace) -> int:
         kwargs = dict(base_model=args.base_model, dtype=getattr(torch, args.dtype) if args.dtype else None,
                       push_to_hub=args.push_to_hub, private=not args.public)
     else:
-        kwargs = dict(lora_r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout)
+        given = dict(lora_r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout)
+        kwargs = {name: value for name, value in given.items() if value is not None}
     mode, output = convert_checkpoint(args.input_dir, args.output_dir, mode=args.mode, **kwargs)
     pushed = f" and pushed it to {args.push_to_hub}" if mode == "merge" and args.push_to_hub else ""
     print(f"{mode}: wrote {output}{pushed}")
@@ -552,7 +574,7 @@ def _demo_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--output", default="demo", help="folder for every artefact (created; reused files are "
                                                           "replaced)")
     parser.add_argument("--size", choices=["tiny", "smoke", "full"], default="full",
-                        help="full: README's demo; smoke: faster, what the tests run; tiny: seconds, learns little")
+                        help="full: the demo of docs/demo.md; smoke: faster, what the tests run; tiny: seconds, learns little")
     parser.add_argument("--steps", type=int, default=None,
                         help="train each stage for exactly this many optimizer steps (overrides the size's epochs)")
     parser.add_argument("--device", default="auto", help="auto (GPU when present), cpu, cuda or cuda:N")

@@ -11,21 +11,29 @@ Media can be given three ways, in any user turn:
   - an already computed tensor in the content part (`{"type": "image", "embeds": tensor}`).
 Everything is reduced to `media_embeds` `[total_media, tokens_per_media, media_embed_dim]` in placeholder order, so
 the model always runs the same path.
+
+Decoding speed (static KV cache + compiled decoding step, prompt-lookup decoding) is `DecodingOptions`; see
+docs/generation.md. (Over 400 lines: media, inputs and the one decoding route every front end shares.)
 """
 
 from __future__ import annotations
 
+import logging
 import threading
 from collections import OrderedDict
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 import torch
-from transformers import BatchFeature, TextIteratorStreamer
+from transformers import BatchFeature, CompileConfig, TextIteratorStreamer
 
-from .imagebind.processing_imagebind import ImageBindProcessor, MediaLoadError, check_media_file
+from .imagebind.processing_imagebind import (
+    ImageBindProcessor,
+    MediaLoadError,
+    check_media_file,
+)
 from .loading import imagebind_folder, load_imagebind
 from .processing_mm_llama import MMLlamaProcessor, Turn, normalize_conversation
 
@@ -33,6 +41,8 @@ EMBEDDING_SUFFIXES = (".pt", ".pth", ".bin", ".npy", ".safetensors")
 VIDEO_SUFFIXES = (".mp4", ".avi", ".mov", ".mkv", ".webm", ".m4v", ".mpg", ".mpeg", ".wmv", ".flv")
 AUDIO_SUFFIXES = (".wav", ".mp3", ".flac", ".ogg", ".oga", ".opus", ".m4a", ".aac", ".wma")
 MEDIA_TYPES = ("image", "video", "audio")
+
+logger = logging.getLogger(__name__)
 
 
 # ---------------------------------------------------------------------------------------------------- media
@@ -284,23 +294,145 @@ class GenerationSettings:
         return kwargs
 
 
+@dataclass
+class DecodingOptions:
+    """How `generate` decodes (GenerationSettings say what): the same answers, different speed. Set once per model
+    with `set_decoding_options` (the CLI's `--compile` / `--prompt_lookup_num_tokens`), so that every front end
+    (chat, pipeline, web demo, server, lmms-eval) that calls `generate` decodes the same way.
+
+    compile: decode with transformers' static KV cache (`cache_implementation="static"`) and a `torch.compile`d
+        decoding step (inductor; CUDA graphs on a GPU). The prefill (which merges the media) stays eager. Each new
+        (batch size, cache length) compiles once; cache lengths are rounded up to a power of two (at least
+        `min_cache_length`) and only ever grow, so a session compiles a handful of times. Ignored, with a warning,
+        for bitsandbytes 4-bit models, which torch.compile cannot trace.
+    prompt_lookup_num_tokens: prompt-lookup decoding (speculative, no draft model): up to this many tokens copied
+        from earlier n-gram matches in the prompt are verified in one forward; pays for long answers that quote the
+        prompt (summaries, code edits). Batch 1 only (transformers' assisted decoding); larger batches decode as
+        usual. Greedy answers are identical.
+    """
+
+    compile: bool = False
+    prompt_lookup_num_tokens: int | None = None
+    min_cache_length: int = 256  # the smallest static cache (prompt + new tokens), in tokens
+    compile_backend: str | Callable = "inductor"
+
+
+_OPTIONS_ATTRIBUTE = "_mm_llama_decoding"
+
+
+def set_decoding_options(model: torch.nn.Module, options: DecodingOptions) -> DecodingOptions:
+    """Validates `options` and makes them `model`'s (every later `generate` on it uses them); returns them, with
+    `compile` turned off (and a warning saying why) where the model cannot be compiled."""
+    if options.prompt_lookup_num_tokens is not None and options.prompt_lookup_num_tokens < 1:
+        raise ValueError(f"prompt_lookup_num_tokens must be >= 1 (or None to turn it off), "
+                         f"got {options.prompt_lookup_num_tokens}.")
+    if options.min_cache_length < 1:
+        raise ValueError(f"min_cache_length must be >= 1, got {options.min_cache_length}.")
+    quantizer = getattr(model, "hf_quantizer", None)
+    if options.compile and quantizer is not None and not quantizer.is_compileable:
+        logger.warning("--compile is ignored for this quantised model (%s): torch.compile cannot trace its "
+                       "quantised layers, so it decodes eagerly (load it without --load_in_4bit to compile).",
+                       type(quantizer).__name__)
+        options = replace(options, compile=False)
+    setattr(model, _OPTIONS_ATTRIBUTE, options)
+    return options
+
+
+def decoding_options(model: torch.nn.Module) -> DecodingOptions:
+    """The options `set_decoding_options` gave `model` (defaults: eager decoding)."""
+    return getattr(model, _OPTIONS_ATTRIBUTE, None) or DecodingOptions()
+
+
+def static_cache_length(tokens: int, min_length: int = 256) -> int:
+    """The static KV cache length for `tokens` (prompt + new tokens): the next power of two, at least `min_length`,
+    so that every compiled shape serves a range of prompt lengths and at most a handful are ever compiled."""
+    return max(min_length, 1 << max(tokens - 1, 0).bit_length())
+
+
+def _compile_config(model: torch.nn.Module, options: DecodingOptions) -> CompileConfig:
+    """One `CompileConfig` per model (transformers recompiles when the config changes). Static shapes
+    (`dynamic=False`): the cache lengths are bucketed, so each shape compiles once into its fastest code."""
+    config = getattr(model, "_mm_llama_compile_config", None)
+    if config is None or config.backend != options.compile_backend:
+        on_gpu = next(model.parameters()).device.type == "cuda"
+        config = CompileConfig(fullgraph=True, dynamic=False, backend=options.compile_backend,
+                               mode="reduce-overhead" if on_gpu else None)
+        config._compile_all_devices = True  # transformers compiles on accelerators only unless told otherwise
+        model._mm_llama_compile_config = config
+    return config
+
+
+def _requested_length(model: torch.nn.Module, prompt_length: int, generate_kwargs: dict[str, Any]) -> int:
+    """Prompt + new tokens that `model.generate(**generate_kwargs)` may reach (what the static cache must hold)."""
+    config = generate_kwargs.get("generation_config") or model.generation_config
+    new_tokens = generate_kwargs.get("max_new_tokens", config.max_new_tokens)
+    if new_tokens is None:
+        return max(generate_kwargs.get("max_length", config.max_length), prompt_length + 1)
+    return prompt_length + new_tokens
+
+
+def _decoding_kwargs(model: torch.nn.Module, input_ids: torch.Tensor, generate_kwargs: dict[str, Any],
+                     options: DecodingOptions) -> dict[str, Any]:
+    """`model.generate` keyword arguments that carry out `options` for this batch (`input_ids` `[batch, prompt]`)."""
+    batch_size, prompt_length = input_ids.shape
+    if options.prompt_lookup_num_tokens is not None and batch_size == 1:
+        # Verifying a varying number of drafted tokens per step would recompile a static-shape step: eager.
+        return {"prompt_lookup_num_tokens": options.prompt_lookup_num_tokens}
+    if not options.compile:
+        return {}
+    # The cache only grows, so a shorter request after a longer one reuses the compiled longer shape (transformers
+    # keeps the longest static cache it made in `_previous_max_cache_length` and never makes a shorter one).
+    length = max(static_cache_length(_requested_length(model, prompt_length, generate_kwargs),
+                                     options.min_cache_length), getattr(model, "_mm_llama_cache_length", 0),
+                 getattr(model, "_previous_max_cache_length", 0))
+    model._mm_llama_cache_length = length
+    shapes: set = model.__dict__.setdefault("_mm_llama_compiled_shapes", set())
+    if (batch_size, length) not in shapes:
+        shapes.add((batch_size, length))
+        logger.info("Compiling the decoding step for batch size %d, cache length %d (once per shape; this answer "
+                    "waits for it).", batch_size, length)
+        limit = torch._dynamo.config.recompile_limit
+        if len(shapes) > limit:
+            logger.warning("More than %d decoding shapes (batch size x cache length) were compiled; further ones "
+                           "decode eagerly (torch._dynamo.config.recompile_limit).", limit)
+    return {"cache_implementation": "static", "max_cache_len": length,
+            "compile_config": _compile_config(model, options)}
+
+
 def generate(model: torch.nn.Module, processor: MMLlamaProcessor, inputs: BatchFeature,
              settings: GenerationSettings, streamer: Any | None = None,
-             stopping_criteria: Sequence[Any] | None = None) -> list[str]:
+             stopping_criteria: Sequence[Any] | None = None, decoding: DecodingOptions | None = None) -> list[str]:
     """Runs `model.generate` on prepared inputs; returns each row's new text (special tokens dropped, stripped).
 
     `stopping_criteria`: extra transformers `StoppingCriteria`; one that returns a `[batch]` bool tensor finishes
-    those rows only (a server ends a cancelled request's row this way while the rest of the batch goes on)."""
-    model_inputs = inputs.to(next(model.parameters()).device)  # the model casts media to its projector's dtype
-    extra: dict[str, Any] = {}
+    those rows only (a server ends a cancelled request's row this way while the rest of the batch goes on).
+    `decoding`: how to decode (`DecodingOptions`); default: the model's (`set_decoding_options`)."""
+    new_tokens = generate_tokens(model, processor, inputs, settings, streamer, stopping_criteria, decoding)
+    return [text.strip() for text in processor.batch_decode(new_tokens, skip_special_tokens=True)]
+
+
+def generate_tokens(model: torch.nn.Module, processor: MMLlamaProcessor, inputs: BatchFeature | dict,
+                    settings: GenerationSettings | dict[str, Any], streamer: Any | None = None,
+                    stopping_criteria: Sequence[Any] | None = None,
+                    decoding: DecodingOptions | None = None) -> torch.Tensor:
+    """The one decoding route: `generate` without the decoding to text. `settings` may also be a dict of
+    `model.generate` keyword arguments (the pipeline's). Returns the new tokens `[batch, new_tokens]` (rows that
+    finished early are padded with the pad token)."""
+    # The model casts media to its projector's dtype; the pipeline hands a plain dict.
+    model_inputs = BatchFeature(dict(inputs)).to(next(model.parameters()).device)
+    if isinstance(settings, GenerationSettings):
+        generate_kwargs = settings.generate_kwargs(processor)
+    else:
+        generate_kwargs = dict(settings)
+        streamer = generate_kwargs.pop("streamer", streamer)
+    extra = _decoding_kwargs(model, model_inputs["input_ids"], generate_kwargs, decoding or decoding_options(model))
     if stopping_criteria:
         from transformers import StoppingCriteriaList
 
         extra["stopping_criteria"] = StoppingCriteriaList(stopping_criteria)
     with torch.no_grad():
-        sequences = model.generate(**model_inputs, **settings.generate_kwargs(processor), streamer=streamer, **extra)
-    new_tokens = sequences[:, model_inputs["input_ids"].shape[1]:]
-    return [text.strip() for text in processor.batch_decode(new_tokens, skip_special_tokens=True)]
+        sequences = model.generate(**model_inputs, **generate_kwargs, streamer=streamer, **extra)
+    return sequences[:, model_inputs["input_ids"].shape[1]:]
 
 
 def generate_batched(model: torch.nn.Module, processor: MMLlamaProcessor, embedder: MediaEmbedder,
@@ -342,12 +474,13 @@ def stream_in_thread(tokenizer: Any, run: Callable[[TextIteratorStreamer], Any],
 
 
 def stream(model: torch.nn.Module, processor: MMLlamaProcessor, inputs: BatchFeature, settings: GenerationSettings,
-           timeout: float | None = None) -> Iterator[str]:
+           timeout: float | None = None, decoding: DecodingOptions | None = None) -> Iterator[str]:
     """Generates for one conversation and yields text pieces as they are decoded (`TextIteratorStreamer`)."""
     if inputs["input_ids"].shape[0] != 1:
         raise ValueError("Streaming works on one conversation at a time; use generate for batches.")
     return stream_in_thread(processor.tokenizer,
-                            lambda streamer: generate(model, processor, inputs, settings, streamer=streamer),
+                            lambda streamer: generate(model, processor, inputs, settings, streamer=streamer,
+                                                      decoding=decoding),
                             timeout=timeout)
 
 
@@ -355,18 +488,23 @@ __all__ = [
     "AUDIO_SUFFIXES",
     "EMBEDDING_SUFFIXES",
     "MEDIA_TYPES",
+    "DecodingOptions",
     "GenerationSettings",
     "MediaEmbedder",
     "VIDEO_SUFFIXES",
     "build_generation_inputs",
     "check_embedding",
     "generate",
+    "decoding_options",
     "generate_batched",
+    "generate_tokens",
     "infer_media_type",
     "is_embedding_file",
     "load_embedding_file",
     "embedded_prompt_conversation",
     "prompt_conversation",
+    "set_decoding_options",
+    "static_cache_length",
     "stream",
     "stream_in_thread",
     "user_message",

@@ -315,7 +315,8 @@ class MMLlamaForCausalLM(MMLlamaPreTrainedModel, GenerationMixin):
             inputs_embeds = self.get_input_embeddings()(input_ids)
             if media_embeds is not None:
                 inputs_embeds = self.merge_media_into_embeddings(input_ids, inputs_embeds, media_embeds)
-            elif bool((input_ids == self.config.media_token_id).any()) and cache is None:
+            # `cache is None` first: a decoding step (cache given) never syncs on its ids, so it compiles whole.
+            elif cache is None and bool((input_ids == self.config.media_token_id).any()):
                 raise ValueError(
                     f"input_ids contain media placeholder tokens (id {self.config.media_token_id}) but no media was "
                     "given: pass media_embeds (or pixel_values / video_pixel_values)."

@@ -26,7 +26,14 @@ import torch
 from transformers import AutoModelForCausalLM, GenerationConfig, Pipeline
 from transformers.pipelines import PIPELINE_REGISTRY
 
-from .generation import MediaEmbedder, build_generation_inputs, stream_in_thread
+from .generation import (
+    DecodingOptions,
+    MediaEmbedder,
+    build_generation_inputs,
+    generate_tokens,
+    set_decoding_options,
+    stream_in_thread,
+)
 
 TASK = "mm-llama-chat"
 
@@ -61,6 +68,8 @@ class MMLlamaChatPipeline(Pipeline):
     Args (beyond `Pipeline`'s):
         imagebind: an `ImageBindVisionModel` or its folder, used to embed raw media when the model has no vision
             tower.
+        decoding: `mm_llama.generation.DecodingOptions` (e.g. `DecodingOptions(compile=True)`), made the model's;
+            None keeps the model's own (see docs/generation.md).
     Call arguments: `max_new_tokens`, `return_full_text` (default True: the chat with the answer appended, as
     "image-text-to-text" returns; False: the answer text), `streamer`, `generate_kwargs`, and any generation
     parameter (`do_sample`, `temperature`, `top_p`, ...). Decoding is greedy unless `do_sample=True`.
@@ -73,8 +82,11 @@ class MMLlamaChatPipeline(Pipeline):
     _pipeline_calls_generate = True
     _default_generation_config = GenerationConfig(max_new_tokens=256)
 
-    def __init__(self, *args: Any, imagebind: str | Path | torch.nn.Module | None = None, **kwargs: Any):
+    def __init__(self, *args: Any, imagebind: str | Path | torch.nn.Module | None = None,
+                 decoding: DecodingOptions | None = None, **kwargs: Any):
         super().__init__(*args, **kwargs)
+        if decoding is not None:
+            set_decoding_options(self.model, decoding)
         if self.processor is None:
             raise ValueError(f"The {TASK} pipeline needs the MMLlamaProcessor: pass processor=... (or a model folder).")
         self.embedder = MediaEmbedder.for_model(self.model, self.processor, imagebind=imagebind, device=self.device,
@@ -122,10 +134,10 @@ class MMLlamaChatPipeline(Pipeline):
 
     def _forward(self, model_inputs: dict[str, Any], generate_kwargs: dict | None = None) -> dict[str, Any]:
         conversation = model_inputs.pop("conversation")
-        prompt_length = model_inputs["input_ids"].shape[1]
         generate_kwargs = self._prepare_generate_kwargs(dict(generate_kwargs or {}), return_dict_in_generate=False)
-        sequences = self.model.generate(**model_inputs, **generate_kwargs)
-        return {"new_tokens": sequences[:, prompt_length:], "conversation": conversation}
+        # The project's one decoding route: it applies the model's DecodingOptions (compiled step, prompt lookup).
+        new_tokens = generate_tokens(self.model, self.processor, model_inputs, generate_kwargs)
+        return {"new_tokens": new_tokens, "conversation": conversation}
 
     def postprocess(self, model_outputs: dict[str, Any], return_full_text: bool = True) -> list[dict[str, Any]]:
         conversation = model_outputs["conversation"].messages

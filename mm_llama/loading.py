@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import re
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -98,8 +99,24 @@ def lora_target_regex(model: nn.Module, target_modules: Sequence[str]) -> str:
     return rf"{re.escape(LANGUAGE_MODEL_PREFIX)}(?:.*\.)?({names})"
 
 
-def lora_config(model: nn.Module, r: int = 64, alpha: float = 16, dropout: float = 0.05,
-                target_modules: Sequence[str] = ("q_proj", "v_proj"), bias: str = "none"):
+@dataclass(frozen=True)
+class LoraDefaults:
+    """Stage 2's LoRA as our recipes set it: the one definition that `lora_config`, training's `LoraArguments`, the
+    stage-2 starting point (`mm-llama merge --mode stage2-start`) and the GPU benchmark read."""
+
+    r: int = 64
+    alpha: float = 16
+    dropout: float = 0.05
+    target_modules: tuple[str, ...] = ("q_proj", "v_proj")
+    bias: str = "none"
+
+
+LORA_DEFAULTS = LoraDefaults()
+
+
+def lora_config(model: nn.Module, r: int = LORA_DEFAULTS.r, alpha: float = LORA_DEFAULTS.alpha,
+                dropout: float = LORA_DEFAULTS.dropout, target_modules: Sequence[str] = LORA_DEFAULTS.target_modules,
+                bias: str = LORA_DEFAULTS.bias):
     """PEFT `LoraConfig` of stage 2: adapters on the language model's `target_modules` (checked against `model`), the
     projector trained in full (`modules_to_save`). Used by training and by the stage-2 starting point."""
     from peft import LoraConfig
@@ -287,6 +304,8 @@ __all__ = [
     "load_model",
     "load_processor",
     "load_stage2_model",
+    "LORA_DEFAULTS",
+    "LoraDefaults",
     "lora_config",
     "lora_target_names",
     "lora_target_regex",

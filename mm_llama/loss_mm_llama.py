@@ -22,8 +22,7 @@ Three implementations give the same sums and gradients (`token_loss_stats(..., c
   - "liger": on CUDA, Liger-Kernel's fused linear cross-entropy (Triton) when it is installed and the LM head is a
     plain `nn.Linear`; otherwise "chunked" is used and the reason logged once.
 
-Why one module of ~400 lines: the three implementations must give the same sums; side by side, a change to one is
-seen next to the others (tests/test_chunked_loss.py checks them against each other).
+Over 400 lines because the three implementations must give the same sums, so they sit side by side.
 """
 
 from __future__ import annotations

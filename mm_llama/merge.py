@@ -16,7 +16,8 @@ from typing import Any, Literal, Sequence
 import torch
 from transformers import AutoModelForCausalLM
 
-from .loading import is_adapter_folder, load_processor, load_stage2_model, lora_config, resolve_base_model
+from .loading import (LORA_DEFAULTS, is_adapter_folder, load_processor, load_stage2_model, lora_config,
+                      resolve_base_model)
 
 ConversionMode = Literal["auto", "merge", "stage2-start"]
 
@@ -74,10 +75,10 @@ def init_stage2_from_stage1(
     stage1_dir: str | Path,
     output_dir: str | Path,
     *,
-    lora_r: int = 64,
-    lora_alpha: float = 16,
-    lora_dropout: float = 0.05,
-    target_modules: Sequence[str] = ("q_proj", "v_proj"),
+    lora_r: int = LORA_DEFAULTS.r,
+    lora_alpha: float = LORA_DEFAULTS.alpha,
+    lora_dropout: float = LORA_DEFAULTS.dropout,
+    target_modules: Sequence[str] = LORA_DEFAULTS.target_modules,
 ) -> Path:
     """Stage-1 output -> the stage-2 starting point: a PEFT adapter folder over the stage-1 model with freshly
     initialised LoRA (B = 0, so the model still computes exactly the stage-1 function) on the language model's

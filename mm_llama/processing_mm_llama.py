@@ -7,8 +7,7 @@ Prompt format (Meta's LLaMA-2 reference `chat_completion`, plus media markers af
 Text is encoded with sentencepiece exactly as Meta's reference does (one `encode` per user/assistant pair, BOS/EOS
 added by id); the media placeholder is inserted by id, never parsed from text.
 
-Why one module of ~480 lines: it travels with saved checkpoints as remote code, where only flat relative imports
-are copied, so the chat template, conversation normalisation and encoding stay together in this file.
+Over 400 lines because it travels with checkpoints as remote code (only flat relative imports are copied).
 """
 
 from __future__ import annotations
@@ -29,8 +28,29 @@ MEDIA_TYPE_IDS = {"image": 0, "video": 1, "audio": 2}
 IGNORE_INDEX = -100
 TrainOn = Literal["all", "last"]
 
-# The same format as a Jinja template, so that `apply_chat_template(..., tokenize=False)` renders it. Content may be
-# a string or HF content parts ({"type": "text"|"image"|"video"|"audio"}); the placeholder appears as the text "<unk>".
+
+def _jinja_literal(text: str) -> str:
+    """`text` as a single-quoted Jinja string literal."""
+    return "'" + text.replace("\\", "\\\\").replace("'", "\\'").replace("\n", "\\n") + "'"
+
+
+def _jinja_marker_branches() -> str:
+    """The template's media branch: one `if`/`elif` per MEDIA_MARKERS entry, then an error naming the known types."""
+    branches = "".join(
+        "{%- " + ("if" if index == 0 else "elif") + f" part['type'] == '{kind}' -%}}"
+        f"{{{{ {_jinja_literal(open_marker)} + '<unk>' * tokens_per_media + {_jinja_literal(close_marker)} }}}}"
+        for index, (kind, (open_marker, close_marker)) in enumerate(MEDIA_MARKERS.items())
+    )
+    *others, last = MEDIA_MARKERS
+    known = f"{', '.join(others)} or {last}"
+    unknown = f"raise_exception('Unknown media type ' + part['type'] + ': use {known}.')"
+    return branches + f"{{%- else -%}}{{{{ {unknown} }}}}"
+
+
+# The format of `MMLlamaProcessor._encode_pair` as a Jinja template, built from the same constants, so that
+# `apply_chat_template(..., tokenize=False)` and tools that read a saved processor's chat template render it.
+# Content may be a string or HF content parts ({"type": "text"|"image"|"video"|"audio"}); the placeholder appears as
+# the text "<unk>". tests/test_processing.py renders a grid of conversations both ways and compares.
 LLAMA2_MEDIA_CHAT_TEMPLATE = (
     "{%- macro text_of(content) -%}"
     "{%- if content is string -%}{{ content }}"
@@ -39,11 +59,8 @@ LLAMA2_MEDIA_CHAT_TEMPLATE = (
     "{%- endmacro -%}"
     "{%- macro marker_of(content) -%}"
     "{%- if content is not string -%}{%- for part in content if part['type'] != 'text' -%}"
-    "{%- if part['type'] == 'image' -%}{{ '<<IMG>>' + '<unk>' * tokens_per_media + '<</IMG>>' }}"
-    "{%- elif part['type'] == 'video' -%}{{ '<<VID>>' + '<unk>' * tokens_per_media + '<</VID>>' }}"
-    "{%- elif part['type'] == 'audio' -%}{{ '<<AUD>>' + '<unk>' * tokens_per_media + '<</AUD>>' }}"
-    "{%- else -%}{{ raise_exception('Unknown media type ' + part['type'] + ': use image, video or audio.') }}"
-    "{%- endif -%}{%- endfor -%}{%- endif -%}"
+    + _jinja_marker_branches()
+    + "{%- endif -%}{%- endfor -%}{%- endif -%}"
     "{%- endmacro -%}"
     "{%- set tokens_per_media = tokens_per_media | default(1) -%}"
     "{%- set ns = namespace(system='', start=0) -%}"
@@ -53,12 +70,13 @@ LLAMA2_MEDIA_CHAT_TEMPLATE = (
     "{%- for message in messages[ns.start:] -%}"
     "{%- if message['role'] == 'user' -%}"
     "{%- set text = text_of(message['content']) -%}"
-    "{%- if loop.first and ns.system | trim -%}{%- set text = ('<<SYS>>\\n' + ns.system + '\\n<</SYS>>\\n\\n' + text) -%}"
+    f"{{%- if loop.first and ns.system | trim -%}}{{%- set text = ({_jinja_literal(B_SYS)} + ns.system + "
+    f"{_jinja_literal(E_SYS)} + text) -%}}"
     "{%- endif -%}"
     "{%- set text = text | trim -%}"
-    "{{ '<s>[INST]' + (' ' + text if text else '') }}"
+    f"{{{{ {_jinja_literal('<s>' + B_INST)} + (' ' + text if text else '') }}}}"
     "{%- set marker = marker_of(message['content']) -%}"
-    "{{ (' ' + marker if marker else '') + ' [/INST]' }}"
+    f"{{{{ (' ' + marker if marker else '') + {_jinja_literal(' ' + E_INST)} }}}}"
     "{%- elif message['role'] == 'assistant' -%}"
     "{{ ' ' + (text_of(message['content']) | trim) + ' </s>' }}"
     "{%- else -%}{{ raise_exception('Unexpected role ' + message['role']) }}"
@@ -437,7 +455,7 @@ class MMLlamaProcessor(ProcessorMixin):
         processed = self.image_processor(images=sources["image"] or None, videos=sources["video"] or None)
         return {key: processed[key] for key in ("pixel_values", "video_pixel_values") if key in processed}
 
-    # ---------------------------------------------------------------- chat template / decoding
+    # ---------------------------------------------------------------- chat template (decode: ProcessorMixin's)
 
     def apply_chat_template(self, conversation, chat_template: str | None = None, *, add_generation_prompt=False,
                             tokenize: bool = False, return_dict: bool = False, **kwargs):
@@ -450,12 +468,6 @@ class MMLlamaProcessor(ProcessorMixin):
         kwargs.setdefault("tokens_per_media", self.tokens_per_media)
         return super().apply_chat_template(conversation, chat_template, add_generation_prompt=False,
                                            tokenize=False, **kwargs)
-
-    def batch_decode(self, *args, **kwargs):
-        return self.tokenizer.batch_decode(*args, **kwargs)
-
-    def decode(self, *args, **kwargs):
-        return self.tokenizer.decode(*args, **kwargs)
 
     @property
     def model_input_names(self) -> list[str]:

@@ -33,11 +33,12 @@ def make_head(seed=0, bias=True) -> nn.Linear:
     return nn.Linear(HIDDEN, VOCAB, bias=bias)
 
 
-def run(head, hidden, targets, weights, answer_mask, scale=0.37, **loss_kwargs):
-    """Stats, and the gradients of scale * weighted_loss_sum (as the model's division by the denominator does)."""
+def run(head, hidden, targets, weights, answer_mask, scale=0.37, loss=token_loss_stats, **loss_kwargs):
+    """Stats, and the gradients of scale * weighted_loss_sum (as the model's division by the denominator does), of
+    `loss` (a function that returns (stats, logits or None))."""
     hidden = hidden.clone().requires_grad_(True)
     head.zero_grad()
-    stats, logits = token_loss_stats(hidden, head, targets, weights, answer_mask, **loss_kwargs)
+    stats, logits = loss(hidden, head, targets, weights, answer_mask, **loss_kwargs)
     (stats.weighted_loss_sum * scale).backward()
     grads = {"hidden": hidden.grad}
     grads.update({name: param.grad.clone() for name, param in head.named_parameters() if param.grad is not None})
@@ -147,22 +148,73 @@ def test_chunk_size_must_be_positive():
 # ---------------------------------------------------------------- Liger-Kernel adapter
 
 
-def reference_fused_loss(input, weight, target, bias=None, reduction="sum", return_predicted_tokens=False):
-    """Liger's `liger_fused_linear_cross_entropy` contract, in plain torch (Liger needs CUDA + Triton)."""
+# Liger's kernel needs CUDA and Triton, so on CPU the adapter's own logic (grouping tokens by loss weight, scaling each
+# group's summed CE, the answer metrics from the returned argmax) is tested with `fused_loss=` set to the fused op's
+# definition below. What Liger itself must provide (a function taking these arguments, returning `.loss` and
+# `.predicted_tokens`) is checked against the real package where it is installed, and on CUDA against its results.
+
+
+def defined_fused_loss(input, weight, target, bias=None, reduction="sum", return_predicted_tokens=False):
+    """What a fused linear cross-entropy computes, unfused: summed CE of `input @ weight.T + bias`, and its argmax."""
     logits = F.linear(input, weight, bias).float()
     return SimpleNamespace(loss=F.cross_entropy(logits, target, reduction=reduction),
                            predicted_tokens=logits.argmax(-1) if return_predicted_tokens else None)
 
 
-@pytest.mark.parametrize("weighted,answers", [(False, False), (True, True)])
-def test_liger_adapter_groups_tokens_by_weight_and_matches_the_full_loss(weighted, answers, monkeypatch):
+def adapter_with(fused_loss):
+    def loss(hidden, head, targets, weights, answer_mask):
+        return liger_token_loss_stats(hidden, head, targets, weights, answer_mask, fused_loss=fused_loss), None
+    return loss
+
+
+@pytest.mark.parametrize("weighted,answers", [(False, False), (True, False), (True, True)])
+def test_liger_adapter_groups_tokens_by_weight_and_matches_the_full_loss(weighted, answers):
     head = make_head()
     data = inputs(weighted=weighted, answers=answers)
-    expected = run(head, *data)
-    monkeypatch.setattr("mm_llama.loss_mm_llama._liger_fused_linear_cross_entropy", lambda: reference_fused_loss)
-    monkeypatch.setattr("mm_llama.loss_mm_llama.liger_unavailable_reason", lambda *args: None)
-    got = run(head, *data, chunk_size=8)
-    assert_same(got, expected)
+    calls = []
+
+    def counting(input, *args, **kwargs):
+        calls.append(input.shape[0])
+        return defined_fused_loss(input, *args, **kwargs)
+
+    assert_same(run(head, *data, loss=adapter_with(counting)), run(head, *data))
+    # One fused call per (weight, answer) group, covering every position once.
+    assert len(calls) == (2 if weighted else 1) and sum(calls) == data[0].shape[0]
+
+
+def test_liger_is_looked_up_in_the_real_package():
+    """Where liger-kernel cannot be imported (not installed, as on the CPU test machine, or without Triton) the fused op
+    is absent and the chunked loss serves; where it can, it is the real function, which accepts exactly the call the
+    adapter makes."""
+    import inspect
+
+    from mm_llama.loss_mm_llama import _liger_fused_linear_cross_entropy
+
+    fused = _liger_fused_linear_cross_entropy()
+    try:
+        from liger_kernel.transformers.functional import liger_fused_linear_cross_entropy
+    except ImportError:
+        assert fused is None
+        return
+    assert fused is liger_fused_linear_cross_entropy
+    head, (hidden, targets, _, _) = make_head(), inputs()
+    inspect.signature(fused).bind(hidden, head.weight, targets, head.bias, reduction="sum",
+                                  return_predicted_tokens=True)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="Liger-Kernel's fused loss runs on CUDA only")
+def test_liger_fused_loss_on_cuda_matches_the_full_loss():
+    pytest.importorskip("liger_kernel", reason="liger-kernel is not installed")
+    head = make_head().cuda()
+    hidden, targets, weights, answer_mask = (t.cuda() for t in inputs())
+    assert select_loss_implementation(hidden, head, 8) == ("liger", None)
+    got = run(head, hidden, targets, weights, answer_mask, chunk_size=8)
+    expected = run(head, hidden, targets, weights, answer_mask)
+    for field in STAT_FIELDS:
+        torch.testing.assert_close(getattr(got[0], field), getattr(expected[0], field), rtol=1e-4, atol=1e-4,
+                                   msg=field)
+    for name in expected[2]:
+        torch.testing.assert_close(got[2][name], expected[2][name], rtol=1e-3, atol=1e-4, msg=name)
 
 
 def test_liger_adapter_with_many_distinct_weights_falls_back_to_chunks():
@@ -191,7 +243,7 @@ def test_liger_adapter_with_no_trained_position_keeps_the_graph():
     head = make_head()
     hidden = torch.zeros(0, HIDDEN, requires_grad=True)
     stats = liger_token_loss_stats(hidden, head, torch.zeros(0, dtype=torch.long), torch.zeros(0), None,
-                                   fused_loss=reference_fused_loss)
+                                   fused_loss=defined_fused_loss)
     assert float(stats.weighted_loss_sum.detach()) == 0 and int(stats.answer_tokens) == 0
     stats.weighted_loss_sum.backward()  # a batch without trained tokens must not break the step
     assert hidden.grad.shape == (0, HIDDEN)

@@ -16,7 +16,7 @@ import torch
 from datasets import load_from_disk
 from PIL import Image
 
-from mm_llama.data import SourceSpec, build_dataset
+from mm_llama.data import BuildConfig, SourceSpec, build_dataset
 from mm_llama.data.shards import shards_for_process
 from mm_llama.imagebind import ImageBindVisionConfig, ImageBindVisionModel, load_image, load_video
 
@@ -227,8 +227,8 @@ def assert_same_dataset(path_a: Path, path_b: Path) -> None:
 def test_interrupted_build_resumes_to_the_same_dataset(llava_fixture, encoder, tmp_path):
     chat, images = llava_fixture
     sources = [SourceSpec("llava", str(chat), str(images))]
-    options = dict(batch_size=1, num_workers=0, shard_size=1, validation_ratio=0.3, progress=False)
-    build_dataset(sources, encoder, tmp_path / "full", **options)
+    config = BuildConfig(batch_size=1, num_workers=0, shard_size=1, validation_ratio=0.3, progress=False)
+    build_dataset(sources, encoder, tmp_path / "full", config)
 
     written = []
 
@@ -238,30 +238,56 @@ def test_interrupted_build_resumes_to_the_same_dataset(llava_fixture, encoder, t
             raise Interrupt
 
     with pytest.raises(Interrupt):
-        build_dataset(sources, encoder, tmp_path / "resumed", on_shard_written=stop_after_two, **options)
+        build_dataset(sources, encoder, tmp_path / "resumed", config, on_shard_written=stop_after_two)
     assert sorted(p.name for p in (tmp_path / "resumed" / "_shards").glob("media-*.arrow")) == [
         "media-00000.arrow", "media-00001.arrow"]
     assert not (tmp_path / "resumed" / "manifest.json").exists()
 
-    # A resume with other settings is refused rather than mixing embeddings of two builds.
+    # A resume with other settings (a keyword overrides the config's field) is refused rather than mixing
+    # embeddings of two builds.
     with pytest.raises(ValueError, match="--overwrite"):
-        build_dataset(sources, encoder, tmp_path / "resumed", **{**options, "shard_size": 2})
+        build_dataset(sources, encoder, tmp_path / "resumed", config, shard_size=2)
 
     # A damaged shard file (say, a disk error) is embedded again rather than trusted.
     (tmp_path / "resumed" / "_shards" / "media-00001.arrow").write_bytes(b"garbage")
     redone = []
-    manifest = build_dataset(sources, encoder, tmp_path / "resumed", on_shard_written=redone.append, **options)
+    manifest = build_dataset(sources, encoder, tmp_path / "resumed", config, on_shard_written=redone.append)
     assert redone == [1, 2, 3, 4, 5]  # the finished shard 0 was not embedded again
     assert manifest["build"]["shards_resumed"] == 1
     assert_same_dataset(tmp_path / "full", tmp_path / "resumed")
 
     # A finished build is not overwritten by accident; --overwrite rebuilds from scratch.
     with pytest.raises(FileExistsError, match="--overwrite"):
-        build_dataset(sources, encoder, tmp_path / "resumed", **options)
+        build_dataset(sources, encoder, tmp_path / "resumed", config)
     again = []
-    build_dataset(sources, encoder, tmp_path / "resumed", overwrite=True, on_shard_written=again.append, **options)
+    build_dataset(sources, encoder, tmp_path / "resumed", config, overwrite=True, on_shard_written=again.append)
     assert again == [0, 1, 2, 3, 4, 5]
     assert_same_dataset(tmp_path / "full", tmp_path / "resumed")
+
+
+def test_build_config_is_the_one_declaration_of_the_build_flags():
+    """HfArgumentParser turns BuildConfig into flags with its defaults and helps; bad values fail when given."""
+    from dataclasses import fields
+
+    from transformers import HfArgumentParser
+
+    parser = HfArgumentParser(BuildConfig)
+    (defaults,) = parser.parse_args_into_dataclasses([])
+    assert defaults == BuildConfig()
+    (given,) = parser.parse_args_into_dataclasses(["--shard_size", "8", "--dtype", "bfloat16", "--no_progress",
+                                                   "--overwrite"])
+    assert (given.shard_size, given.dtype, given.progress, given.overwrite) == (8, "bfloat16", False, True)
+    with pytest.raises(SystemExit):
+        parser.parse_args_into_dataclasses(["--dtype", "int8"])
+    help_text = " ".join(parser.format_help().split())
+    for config_field in fields(BuildConfig):
+        assert " ".join(config_field.metadata["help"].split()) in help_text, config_field.name
+    with pytest.raises(ValueError, match="batch_size and shard_size must be positive, got 0 and 1024"):
+        BuildConfig(batch_size=0)
+    with pytest.raises(ValueError, match=r"validation_ratio must be in \[0, 1\), got 1.0"):
+        BuildConfig(validation_ratio=1.0)
+    with pytest.raises(TypeError, match="shard_sise"):
+        build_dataset([], torch.nn.Linear(1, 1), "unused", shard_sise=2)  # a misspelt option is not ignored
 
 
 def test_bfloat16_encoder_and_a_build_with_nothing_usable(llava_fixture, tmp_path):

@@ -55,8 +55,30 @@ def _url(httpd) -> str:
     return f"http://127.0.0.1:{httpd.server_address[1]}/imagebind_huge.pth"
 
 
-def test_default_url_is_metas():
-    assert IMAGEBIND_HUGE_URL == "https://dl.fbaipublicfiles.com/imagebind/imagebind_huge.pth"
+def test_default_url_is_the_one_metas_imagebind_downloads():
+    """Checked against the real source of the URL: Meta's `imagebind_huge(pretrained=True)` (facebookresearch/ImageBind,
+    also linked from its README), where that package is installed."""
+    import inspect
+
+    meta_model = pytest.importorskip("imagebind.models.imagebind_model", reason="Meta's imagebind is not installed")
+    assert IMAGEBIND_HUGE_URL in inspect.getsource(meta_model.imagebind_huge)
+
+
+def test_downloader_fetches_the_default_url_and_names_it_when_unreachable(tmp_path, monkeypatch):
+    import urllib.error
+    import urllib.request
+
+    asked = []
+
+    def offline(request, timeout):
+        asked.append((request.full_url, request.get_method()))
+        raise urllib.error.URLError("network is unreachable")
+
+    monkeypatch.setattr(urllib.request, "urlopen", offline)
+    with pytest.raises(DownloadError, match=f"Cannot reach {IMAGEBIND_HUGE_URL} \\(network is unreachable\\)"):
+        download_imagebind_checkpoint(tmp_path / "imagebind_huge.pth", progress=False)
+    assert asked == [(IMAGEBIND_HUGE_URL, "HEAD")]
+    assert not list(tmp_path.iterdir())  # nothing written before the size is known
 
 
 def test_fresh_download(tmp_path, server):

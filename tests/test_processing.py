@@ -300,6 +300,43 @@ def test_jinja_template_renders_the_same_text(processor, dialog):
     ).text
 
 
+def conversation_grid():
+    """Every combination of the format's choices: system message (none, text, blank), user content (string,
+    several text parts, media alone, text + each media type), padding whitespace, empty answers, one or two turns,
+    open generation prompt or not."""
+    systems = [None, " Be brief. ", "  "]
+    users = ["  hi  ", [{"type": "text", "text": "a"}, {"type": "text", "text": " b "}], [{"type": "image"}],
+             *([{"type": kind}, {"type": "text", "text": f"what {kind}?"}] for kind in ("image", "video", "audio"))]
+    answers = [" Sure. ", ""]
+    for system in systems:
+        for first in users:
+            for second in [None, users[-1]]:
+                for answer in answers:
+                    for open_prompt in (False, True):
+                        messages = [] if system is None else [{"role": "system", "content": system}]
+                        messages += [{"role": "user", "content": first}, {"role": "assistant", "content": answer}]
+                        if second is not None:
+                            messages += [{"role": "user", "content": second}, {"role": "assistant", "content": answer}]
+                        yield (messages[:-1], True) if open_prompt else (messages, False)
+
+
+@pytest.mark.parametrize("tokens_per_media", [1, 3])
+def test_jinja_template_and_python_renderer_agree_on_every_combination(spm_model_path, tokens_per_media):
+    """The Jinja template (saved with the processor, read by other tools) and the by-id encoder render the same text."""
+    processor = MMLlamaProcessor(MMLlamaTokenizer(vocab_file=str(spm_model_path)), tokens_per_media=tokens_per_media)
+    grid = list(conversation_grid())
+    assert len(grid) == 3 * 6 * 2 * 2 * 2
+    for messages, open_prompt in grid:
+        rendered = processor.apply_chat_template(messages, add_generation_prompt=open_prompt)
+        assert rendered == processor.encode_conversation(messages, add_generation_prompt=open_prompt).text, messages
+
+
+def test_decode_is_the_tokenizers(processor):
+    ids = processor.encode_conversation(DIALOGS[1]).input_ids
+    assert processor.decode(ids, skip_special_tokens=True) == processor.tokenizer.decode(ids, skip_special_tokens=True)
+    assert processor.batch_decode([ids, ids[:5]]) == [processor.tokenizer.decode(ids), processor.tokenizer.decode(ids[:5])]
+
+
 def test_jinja_template_with_media_and_tokenize(processor):
     messages = [
         {"role": "system", "content": "sys"},

@@ -77,3 +77,24 @@ def test_accelerate_configs_load(name):
 def test_resume_argument():
     assert resume_argument("latest") is True and resume_argument("True") is True
     assert resume_argument("out/checkpoint-3") == "out/checkpoint-3" and resume_argument(None) is None
+
+
+def test_lora_defaults_have_one_definition():
+    """A recipe without LoRA keys, `lora_config` and the stage-2 starting point all take loading.LORA_DEFAULTS."""
+    import inspect
+    from dataclasses import astuple
+
+    from mm_llama.loading import LORA_DEFAULTS, lora_config
+    from mm_llama.merge import init_stage2_from_stage1
+    from mm_llama.training import LoraArguments
+
+    recipe = LoraArguments()
+    assert (recipe.lora_r, recipe.lora_alpha, recipe.lora_dropout, tuple(recipe.lora_target_modules),
+            recipe.lora_bias) == astuple(LORA_DEFAULTS)
+    assert recipe.lora_target_modules is not LoraArguments().lora_target_modules  # each run its own list
+    config = inspect.signature(lora_config).parameters
+    assert tuple(config[name].default for name in ("r", "alpha", "dropout", "target_modules", "bias")) == astuple(
+        LORA_DEFAULTS)
+    start = inspect.signature(init_stage2_from_stage1).parameters
+    assert tuple(start[name].default for name in ("lora_r", "lora_alpha", "lora_dropout", "target_modules")) == astuple(
+        LORA_DEFAULTS)[:4]

@@ -2,8 +2,7 @@
 shards (one per model-parallel rank: 7B 1, 13B 2, 70B 8), with errors that name the file and the fix. The conversion
 into a Hugging Face folder is `meta_llama.py`.
 
-Why one module of ~400 lines: it is the one place that knows what a Meta download holds and whether it is whole;
-most of its length is the checks and their messages.
+Over 400 lines because it is the one place that knows what a Meta download holds; most of it is error messages.
 """
 
 from __future__ import annotations

@@ -2,7 +2,7 @@
 
 - `sources`: one reader per format (LLaVA, VideoChat, our JSON/JSONL) yielding validated records.
 - `build`: the embedding builder (`build_dataset`), resumable and multi-process, writing a `DatasetDict` and a
-  manifest.
+  manifest; `build_config`: its options (`BuildConfig`).
 - `collator`: training batches from built rows; `packing`: several conversations per row, padding-free.
 - `webvid`: downloads the WebVid videos a VideoChat JSON needs.
 
@@ -16,8 +16,8 @@ from .._lazy import lazy_getattr
 
 _PUBLIC_NAMES = {
     "dataset_features": "assemble", "split_dataset": "assemble",
-    "DEFAULT_VALIDATION_RATIO": "build", "build_dataset": "build", "distinct_media": "build",
-    "format_summary": "build", "read_all_sources": "build",
+    "BuildConfig": "build_config", "DEFAULT_VALIDATION_RATIO": "build_config",
+    "build_dataset": "build", "distinct_media": "build", "format_summary": "build", "read_all_sources": "build",
     "MMLlamaDataCollator": "collator",
     "PackedDataset": "packing", "PackingCollator": "packing", "pack_rows": "packing", "plan_packs": "packing",
     "SKIP_REASONS": "records", "RecordError": "records", "SkipLog": "records", "validate_record": "records",

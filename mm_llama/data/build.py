@@ -15,6 +15,8 @@ the number of processes, so the dataset is the same as with one process.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import functools
 import json
 import logging
 import os
@@ -22,7 +24,7 @@ import shutil
 import time
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Any, Callable, Iterator
 
 import datasets
 import torch
@@ -30,6 +32,7 @@ from accelerate import PartialState
 from tqdm.auto import tqdm
 
 from .assemble import ShardIndex, split_dataset, write_rows
+from .build_config import BuildConfig
 from ..loading import resolve_dtype
 from .embed import embed_shards, encoder_description
 from .media import MEDIA_KINDS, MediaItem
@@ -49,8 +52,6 @@ logger = logging.getLogger(__name__)
 MANIFEST_FILE = "manifest.json"
 WORK_DIR = "_shards"
 MANIFEST_VERSION = 1
-# The original MM-LLaMA holds out 5% of every dataset for validation; the recipes evaluate on that split.
-DEFAULT_VALIDATION_RATIO = 0.05
 # What a build writes in its output folder; `overwrite` removes only these, never anything else a user keeps there.
 _BUILD_ARTEFACTS = (MANIFEST_FILE, "dataset_dict.json", "train", "validation", WORK_DIR)
 
@@ -119,34 +120,22 @@ def build_dataset(
     sources: list[SourceSpec],
     model: torch.nn.Module,
     output_dir: str | os.PathLike,
+    config: BuildConfig | None = None,
     *,
-    batch_size: int = 32,
-    num_workers: int = 4,
-    dtype: str = "float32",
-    shard_size: int = 1024,
-    validation_ratio: float = DEFAULT_VALIDATION_RATIO,
-    seed: int = 42,
-    overwrite: bool = False,
-    keep_shards: bool = False,
-    progress: bool = True,
     device: torch.device | str | None = None,
     on_shard_written: Callable[[int], None] | None = None,
     audio_model: torch.nn.Module | None = None,
+    **options: Any,
 ) -> dict:
     """Builds the dataset of `sources` with encoder `model` into `output_dir`; returns the manifest.
 
     Args:
         sources: the inputs (see `SourceSpec`); their records are concatenated in this order.
         model: an ImageBind vision encoder (`embed_images`, `embed_videos`, `config.image_size`); it is moved to
-            the device and cast to `dtype` in place.
+            the device and cast to `config.dtype` in place.
         output_dir: receives the `DatasetDict` (save_to_disk) and `manifest.json`.
-        batch_size: media items per encoder call. num_workers: DataLoader decoding processes (0: in-process).
-        dtype: encoder precision, "float32", "bfloat16" or "float16"; embeddings are stored as float32.
-        shard_size: media items per shard (the unit of resume and of multi-process work).
-        validation_ratio, seed: the fixed split (0: no validation split).
-        overwrite: remove an earlier build's output (finished or not) first; otherwise an unfinished build with the
-            same plan is resumed and a finished one is refused.
-        keep_shards: keep `_shards/` after success, for inspection (a rebuild needs `overwrite`, which restarts).
+        config: the build options (`BuildConfig`); `**options` are its fields by name and override it
+            (`build_dataset(..., shard_size=2)`).
         device: where the encoder runs; default the accelerate process's device (GPU when present).
         on_shard_written: called with each shard id once its file is complete.
         audio_model: the ImageBind audio encoder, needed when records carry audio (our records format); moved and
@@ -154,19 +143,16 @@ def build_dataset(
 
     Raises:
         FileExistsError: the output holds a finished build (without `overwrite`) or unrelated files.
-        ValueError: an unfinished build in `output_dir` used other media, encoder or settings.
+        ValueError: an unfinished build in `output_dir` used other media, encoder or settings; bad options.
     """
     started = time.monotonic()
-    torch_dtype = resolve_dtype(dtype, torch.device("cpu"))  # checked now, not after reading the sources
-    if batch_size < 1 or shard_size < 1:
-        raise ValueError(f"batch_size and shard_size must be positive, got {batch_size} and {shard_size}")
-    if not 0.0 <= validation_ratio < 1.0:  # checked now, not after hours of embedding
-        raise ValueError(f"validation_ratio must be in [0, 1), got {validation_ratio}")
+    config = dataclasses.replace(config or BuildConfig(), **options)
+    torch_dtype = resolve_dtype(config.dtype, torch.device("cpu"))  # checked now, not after reading the sources
     # cpu=True is what makes accelerate set up a multi-process CPU group (torchrun on a machine without GPUs);
     # without it, processes launched on CPU would each believe they are alone.
     state = PartialState(cpu=device is not None and torch.device(device).type == "cpu")
     output, work = Path(output_dir), Path(output_dir) / WORK_DIR
-    progress = progress and state.is_local_main_process
+    progress = config.progress and state.is_local_main_process
 
     records, skips = read_all_sources(sources, progress=progress)
     items = distinct_media(records)
@@ -178,24 +164,71 @@ def build_dataset(
         )
     target = torch.device(device) if device is not None else state.device
     model = model.to(device=target, dtype=torch_dtype).eval()
-    encoder = encoder_description(model)
-    if num_audio:
-        audio_model = audio_model.to(device=target, dtype=torch_dtype).eval()
-        encoder["audio"] = encoder_description(audio_model)
-    plan = {
-        "fingerprint": media_fingerprint(items, encoder, dtype, shard_size),
-        "num_media": len(items),
-        "shard_size": shard_size,
-        "num_shards": num_shards(len(items), shard_size),
-        "encoder": encoder,
-        "dtype": dtype,
-    }
+    audio_model = audio_model.to(device=target, dtype=torch_dtype).eval() if num_audio else None
+    build = _Build(sources, records, skips, items, _encoders_description(model, audio_model), config)
 
-    # Every process runs the same read-only checks, so that all raise together instead of some waiting forever.
-    if overwrite and state.is_main_process:
+    build.resumed = _prepare_work_dir(state, output, work, build)
+    mine = shards_for_process(build.plan["num_shards"], state.process_index, state.num_processes)
+    done = finished_shards(work, items, config.shard_size, shard_ids=mine)
+    embed_shards(
+        model, items, [k for k in mine if k not in done], config.shard_size, work,
+        device=next(model.parameters()).device, dtype=torch_dtype, batch_size=config.batch_size,
+        num_workers=config.num_workers, progress=progress,
+        description=f"embedding (process {state.process_index})" if state.num_processes > 1 else "embedding",
+        on_shard_written=on_shard_written, audio_model=audio_model,
+    )
+    state.wait_for_everyone()
+    if state.is_main_process:
+        _assemble(build, output, int(model.config.projection_dim), state.num_processes, started, progress)
+    state.wait_for_everyone()
+    with open(output / MANIFEST_FILE, encoding="utf-8") as f:
+        return json.load(f)
+
+
+@dataclasses.dataclass
+class _Build:
+    """What one build works on: its sources' records, their distinct media, the encoders and the shard plan."""
+
+    sources: list[SourceSpec]
+    records: list[tuple[str, dict]]
+    skips: dict[str, SkipLog]
+    items: list[MediaItem]
+    encoder: dict
+    config: BuildConfig
+    resumed: int = 0  # shards an earlier, unfinished run had already embedded
+
+    @functools.cached_property
+    def plan(self) -> dict:
+        """The shard plan (`_shards/plan.json`): an unfinished build resumes only under the same fingerprint."""
+        shard_size = self.config.shard_size
+        return {
+            "fingerprint": media_fingerprint(self.items, self.encoder, self.config.dtype, shard_size),
+            "num_media": len(self.items),
+            "shard_size": shard_size,
+            "num_shards": num_shards(len(self.items), shard_size),
+            "encoder": self.encoder,
+            "dtype": self.config.dtype,
+        }
+
+
+def _encoders_description(model: torch.nn.Module, audio_model: torch.nn.Module | None) -> dict:
+    """The encoder part of the plan and manifest: the vision encoder's description, with the audio encoder's under
+    "audio" when the build embeds audio."""
+    encoder = encoder_description(model)
+    if audio_model is not None:
+        encoder["audio"] = encoder_description(audio_model)
+    return encoder
+
+
+def _prepare_work_dir(state: PartialState, output: Path, work: Path, build: _Build) -> int:
+    """Clears (`overwrite`) or checks the output folder, checks that an unfinished build there has the same plan, and
+    writes the plan; returns how many shards are already embedded. Every process runs the same read-only checks, so
+    that all raise together instead of some waiting forever."""
+    plan = build.plan
+    if build.config.overwrite and state.is_main_process:
         _remove_artefacts(output)
     state.wait_for_everyone()
-    _check_output(output, overwrite)
+    _check_output(output, build.config.overwrite)
     earlier = read_plan(work)
     if earlier is not None and earlier.get("fingerprint") != plan["fingerprint"]:
         raise ValueError(
@@ -209,49 +242,39 @@ def build_dataset(
     if state.is_main_process:
         work.mkdir(parents=True, exist_ok=True)
         write_plan(work, plan)
-        resumed = len(finished_shards(work, items, shard_size))
+        resumed = len(finished_shards(work, build.items, build.config.shard_size))
         if resumed:
             logger.info("Resuming: %d of %d shards already embedded in %s.", resumed, plan["num_shards"], work)
     state.wait_for_everyone()
-
-    mine = shards_for_process(plan["num_shards"], state.process_index, state.num_processes)
-    done = finished_shards(work, items, shard_size, shard_ids=mine)
-    embed_shards(
-        model, items, [k for k in mine if k not in done], shard_size, work,
-        device=next(model.parameters()).device, dtype=torch_dtype, batch_size=batch_size,
-        num_workers=num_workers, progress=progress,
-        description=f"embedding (process {state.process_index})" if state.num_processes > 1 else "embedding",
-        on_shard_written=on_shard_written, audio_model=audio_model if num_audio else None,
-    )
-    state.wait_for_everyone()
-
-    if state.is_main_process:
-        index = ShardIndex(work, plan["num_shards"])
-        dim = int(index.dim or model.config.projection_dim)
-        dataset, written = write_rows(records, index, work / "assembled.arrow", skips, dim, progress=progress)
-        splits = split_dataset(dataset, validation_ratio, seed)
-        with _datasets_progress(progress):
-            # An empty split saved with the default sharding has no data file and cannot be loaded back; one
-            # explicit shard keeps it loadable.
-            splits.save_to_disk(str(output), num_shards={name: 1 for name, split in splits.items() if not len(split)})
-        media_failed = sum(1 for shard in index.shards for status in shard.status if status != "ok")
-        manifest = _manifest(
-            sources, records, written, skips, items, media_failed, splits, encoder, dtype, validation_ratio, seed,
-            plan, resumed, state.num_processes, batch_size, num_workers, time.monotonic() - started,
-        )
-        with open(output / MANIFEST_FILE, "w", encoding="utf-8") as f:
-            json.dump(manifest, f, indent=2)
-        del index, dataset, splits  # release the memory maps before deleting their files
-        if not keep_shards:
-            shutil.rmtree(work)
-    state.wait_for_everyone()
-    with open(output / MANIFEST_FILE, encoding="utf-8") as f:
-        return json.load(f)
+    return resumed
 
 
-def _manifest(sources, records, written, skips, items, media_failed, splits, encoder, dtype, validation_ratio, seed,
-              plan, resumed, num_processes, batch_size, num_workers, seconds) -> dict:
+def _assemble(build: _Build, output: Path, projection_dim: int, num_processes: int, started: float,
+              progress: bool) -> None:
+    """Main process, once every shard exists: the records' rows with their embeddings -> the split `DatasetDict` and
+    `manifest.json` in `output`; then removes the shards unless `keep_shards`."""
+    work = output / WORK_DIR
+    index = ShardIndex(work, build.plan["num_shards"])
+    dim = int(index.dim or projection_dim)
+    dataset, written = write_rows(build.records, index, work / "assembled.arrow", build.skips, dim, progress=progress)
+    splits = split_dataset(dataset, build.config.validation_ratio, build.config.seed)
+    with _datasets_progress(progress):
+        # An empty split saved with the default sharding has no data file and cannot be loaded back; one
+        # explicit shard keeps it loadable.
+        splits.save_to_disk(str(output), num_shards={name: 1 for name, split in splits.items() if not len(split)})
+    media_failed = sum(1 for shard in index.shards for status in shard.status if status != "ok")
+    manifest = _manifest(build, written, splits, media_failed, num_processes, time.monotonic() - started)
+    with open(output / MANIFEST_FILE, "w", encoding="utf-8") as f:
+        json.dump(manifest, f, indent=2)
+    del index, dataset, splits  # release the memory maps before deleting their files
+    if not build.config.keep_shards:
+        shutil.rmtree(work)
+
+
+def _manifest(build: _Build, written: dict[str, int], splits: datasets.DatasetDict, media_failed: int,
+              num_processes: int, seconds: float) -> dict:
     """The JSON manifest of a finished build."""
+    sources, skips, config = build.sources, build.skips, build.config
     total_skips = SkipLog()
     for log in skips.values():
         total_skips.merge(log)
@@ -259,9 +282,9 @@ def _manifest(sources, records, written, skips, items, media_failed, splits, enc
     # the builder, so a record skipped for its media is among the valid ones): read = written + skipped.
     read_per_source = {spec.name: sum(count for reason, count in skips[spec.name].counts.items()
                                       if reason not in MEDIA_SKIP_REASONS) for spec in sources}
-    for name, _ in records:
+    for name, _ in build.records:
         read_per_source[name] += 1
-    media_by_type = {kind: sum(1 for item in items if item.type == kind) for kind in MEDIA_KINDS}
+    media_by_type = {kind: sum(1 for item in build.items if item.type == kind) for kind in MEDIA_KINDS}
     return {
         "manifest_version": MANIFEST_VERSION,
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -270,24 +293,24 @@ def _manifest(sources, records, written, skips, items, media_failed, splits, enc
              "skipped": skips[spec.name].to_dict()}
             for spec in sources
         ],
-        "encoder": {**encoder, "dtype": dtype},
+        "encoder": {**build.encoder, "dtype": config.dtype},
         "counts": {
             "records_read": sum(read_per_source.values()),
             "records_written": sum(written.values()),
             "splits": {name: len(split) for name, split in splits.items()},
-            "media_distinct": len(items),
+            "media_distinct": len(build.items),
             "media_by_type": media_by_type,
             "media_failed": media_failed,
         },
         "skipped": total_skips.to_dict(),
-        "split": {"validation_ratio": validation_ratio, "seed": seed},
+        "split": {"validation_ratio": config.validation_ratio, "seed": config.seed},
         "build": {
-            "shard_size": plan["shard_size"],
-            "num_shards": plan["num_shards"],
-            "shards_resumed": resumed,
+            "shard_size": config.shard_size,
+            "num_shards": build.plan["num_shards"],
+            "shards_resumed": build.resumed,
             "num_processes": num_processes,
-            "batch_size": batch_size,
-            "num_workers": num_workers,
+            "batch_size": config.batch_size,
+            "num_workers": config.num_workers,
         },
         "time_taken_s": round(seconds, 3),
     }

@@ -29,8 +29,7 @@ Audio key mapping (official -> HF):
 The audio trunk has no pre-transformer LayerNorm (Meta: pre_transformer_ln=False), so it has no such keys.
 Keys of modalities not being converted are ignored; every key of a converted modality must be accounted for.
 
-Why one module of ~470 lines: both towers' key mappings read the same flat checkpoint and share its checks and the
-one conversion entry point (`modality` vision / audio / all).
+Over 400 lines because both towers' key mappings read one flat checkpoint and share its checks and entry point.
 """
 
 from __future__ import annotations

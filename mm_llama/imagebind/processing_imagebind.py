@@ -14,8 +14,7 @@ UniformTemporalSubsample(2), ShortSideScale(224), NormalizeVideo, SpatialCrop(22
 The sampling rules are small pure functions (`clip_timepoints`, `clip_frame_indices`, `crop_offsets`, ...) so they
 can be checked on their own. Errors for unusable media are `MediaLoadError`s naming the file and the problem.
 
-Why one module of ~500 lines: Meta's image and video transforms share their normalisation, file checks and
-sampling rules, and the one processor batches both; the audio side has its own module.
+Over 400 lines because Meta's image and video transforms share normalisation, file checks and sampling rules.
 """
 
 from __future__ import annotations
@@ -35,9 +34,11 @@ import torch
 import torch.nn.functional as F
 from transformers import BatchFeature
 from transformers.image_processing_utils import BaseImageProcessor
+from transformers.image_utils import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 
-IMAGEBIND_MEAN: tuple[float, float, float] = (0.48145466, 0.4578275, 0.40821073)
-IMAGEBIND_STD: tuple[float, float, float] = (0.26862954, 0.26130258, 0.27577711)
+# ImageBind normalises images and videos with OpenAI CLIP's per-channel statistics (Meta's imagebind/data.py).
+IMAGEBIND_MEAN: tuple[float, ...] = tuple(OPENAI_CLIP_MEAN)
+IMAGEBIND_STD: tuple[float, ...] = tuple(OPENAI_CLIP_STD)
 
 ImageSource = Union[str, os.PathLike, PIL.Image.Image, np.ndarray, torch.Tensor]
 VideoSource = Union[str, os.PathLike, np.ndarray, torch.Tensor]

@@ -21,8 +21,7 @@ either dependency:
 Files are decoded with PyAV (FFmpeg): any audio file FFmpeg reads, and the best audio stream of video files.
 Unusable media raise `MediaLoadError` naming the file and the problem.
 
-Why one module of ~440 lines: decoding, resampling, clip sampling and the Kaldi fbank are the steps of one
-pipeline, each a small tested function.
+Over 400 lines because decoding, resampling, clip sampling and the Kaldi fbank are the steps of one pipeline.
 """
 
 from __future__ import annotations

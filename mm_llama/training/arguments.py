@@ -14,6 +14,8 @@ from typing import Literal, Sequence
 import yaml
 from transformers import HfArgumentParser, TrainingArguments
 
+from ..loading import LORA_DEFAULTS
+
 DTYPES = ("auto", "bfloat16", "float16", "float32")
 
 
@@ -140,16 +142,19 @@ class DataArguments:
 class LoraArguments:
     """Stage 2's LoRA adapter (PEFT). The projector is always trained fully through `modules_to_save`."""
 
-    lora_r: int = field(default=64, metadata={"help": "LoRA rank."})
-    lora_alpha: float = field(default=16, metadata={"help": "LoRA scaling numerator (scale = alpha / r)."})
-    lora_dropout: float = field(default=0.05, metadata={"help": "Dropout on the LoRA input."})
+    # The defaults are mm_llama.loading.LORA_DEFAULTS, shared with merging and the benchmarks.
+    lora_r: int = field(default=LORA_DEFAULTS.r, metadata={"help": "LoRA rank."})
+    lora_alpha: float = field(default=LORA_DEFAULTS.alpha,
+                              metadata={"help": "LoRA scaling numerator (scale = alpha / r)."})
+    lora_dropout: float = field(default=LORA_DEFAULTS.dropout, metadata={"help": "Dropout on the LoRA input."})
     lora_target_modules: list[str] = field(
-        default_factory=lambda: ["q_proj", "v_proj"],
+        default_factory=lambda: list(LORA_DEFAULTS.target_modules),
         metadata={"help": "Language-model linear layers that get adapters, by name: q_proj, k_proj, v_proj, o_proj, "
                           "gate_proj, up_proj, down_proj, lm_head (the output head). A name that matches no layer is "
                           "an error."},
     )
-    lora_bias: Literal["none", "all", "lora_only"] = field(default="none", metadata={"help": "Train biases?"})
+    lora_bias: Literal["none", "all", "lora_only"] = field(default=LORA_DEFAULTS.bias,
+                                                           metadata={"help": "Train biases?"})
 
 
 @dataclass

@@ -68,66 +68,10 @@ def load_stage_model(
     path = model_args.model_name_or_path
     if not Path(path).exists():
         raise FileNotFoundError(f"model_name_or_path {path} does not exist; pass a local model folder.")
-    dtype = model_args.dtype  # a name ("bfloat16", "auto"): from_pretrained takes it as is
-    is_mm_llama = _model_type(path) == MMLlamaConfig.model_type
-
     if model_args.stage == 1:
-        if is_mm_llama:
-            model = MMLlamaForCausalLM.from_pretrained(path, dtype=dtype,
-                                                       attn_implementation=model_args.attn_implementation)
-            if model_args.projector_path:
-                model.load_projector(model_args.projector_path)
-            set_projector_dropout(model, model_args.projector_dropout)
-        else:
-            model = MMLlamaForCausalLM.from_text_pretrained(
-                path,
-                dtype=None if dtype == "auto" else dtype,
-                attn_implementation=model_args.attn_implementation,
-                projector_path=model_args.projector_path,
-                projector_type=model_args.projector_type,
-                projector_bias=model_args.projector_bias,
-                projector_dropout=model_args.projector_dropout or 0.0,
-                media_embed_dim=model_args.media_embed_dim,
-                tokens_per_media=model_args.tokens_per_media,
-            )
-        freeze_for_stage1(model)
-        if model_args.upcast_trainable_params:
-            upcast_trainable(model)
-        if gradient_checkpointing:
-            # The frozen token embeddings give outputs without grad; checkpointed blocks need an input that has one.
-            model.enable_input_require_grads()
+        model = _load_stage1_model(model_args, gradient_checkpointing)
     else:
-        if not is_mm_llama:
-            raise ValueError(
-                f"Stage 2 starts from a stage-1 output (an MM-LLaMA folder), but {path} is not one "
-                f"(config model_type {_model_type(path)!r}). Run stage 1 first and pass its output_dir."
-            )
-        if lora_args is None:
-            raise ValueError("Stage 2 needs LoRA arguments.")
-        from peft import get_peft_model, prepare_model_for_kbit_training
-
-        load_kwargs: dict[str, Any] = {"dtype": dtype, "attn_implementation": model_args.attn_implementation}
-        if model_args.load_in_4bit:
-            load_kwargs["quantization_config"] = quantization_config(
-                compute_dtype=model_args.bnb_4bit_compute_dtype, quant_type=model_args.bnb_4bit_quant_type,
-                double_quant=model_args.bnb_4bit_use_double_quant)
-        model = MMLlamaForCausalLM.from_pretrained(path, **load_kwargs)
-        set_projector_dropout(model, model_args.projector_dropout)
-        if model_args.load_in_4bit:
-            # Freezes the base, upcasts the non-quantized weights to fp32 and, with checkpointing, makes the
-            # embedding outputs require grad.
-            model = prepare_model_for_kbit_training(
-                model,
-                use_gradient_checkpointing=gradient_checkpointing,
-                gradient_checkpointing_kwargs=gradient_checkpointing_kwargs,
-            )
-        elif gradient_checkpointing:
-            model.enable_input_require_grads()
-        model = get_peft_model(model, lora_config(
-            model, r=lora_args.lora_r, alpha=lora_args.lora_alpha, dropout=lora_args.lora_dropout,
-            target_modules=lora_args.lora_target_modules, bias=lora_args.lora_bias))
-        if model_args.upcast_trainable_params:
-            upcast_trainable(model)
+        model = _load_stage2_model(model_args, lora_args, gradient_checkpointing, gradient_checkpointing_kwargs)
 
     processor_path = model_args.processor_name_or_path or path
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
@@ -137,6 +81,76 @@ def load_stage_model(
     logger.info("Stage %d: %d trainable parameters of %d (%.3f%%).", model_args.stage, trainable, total,
                 100 * trainable / max(total, 1))
     return model, processor
+
+
+def _load_stage1_model(model_args: ModelArguments, gradient_checkpointing: bool) -> MMLlamaForCausalLM:
+    """Stage 1's model: an MM-LLaMA folder as saved, or a new projector over a LLaMA folder; all but the projector
+    frozen."""
+    path, dtype = model_args.model_name_or_path, model_args.dtype  # dtype: a name, taken as is by from_pretrained
+    if _model_type(path) == MMLlamaConfig.model_type:
+        model = MMLlamaForCausalLM.from_pretrained(path, dtype=dtype,
+                                                   attn_implementation=model_args.attn_implementation)
+        if model_args.projector_path:
+            model.load_projector(model_args.projector_path)
+        set_projector_dropout(model, model_args.projector_dropout)
+    else:
+        model = MMLlamaForCausalLM.from_text_pretrained(
+            path,
+            dtype=None if dtype == "auto" else dtype,
+            attn_implementation=model_args.attn_implementation,
+            projector_path=model_args.projector_path,
+            projector_type=model_args.projector_type,
+            projector_bias=model_args.projector_bias,
+            projector_dropout=model_args.projector_dropout or 0.0,
+            media_embed_dim=model_args.media_embed_dim,
+            tokens_per_media=model_args.tokens_per_media,
+        )
+    freeze_for_stage1(model)
+    if model_args.upcast_trainable_params:
+        upcast_trainable(model)
+    if gradient_checkpointing:
+        # The frozen token embeddings give outputs without grad; checkpointed blocks need an input that has one.
+        model.enable_input_require_grads()
+    return model
+
+
+def _load_stage2_model(model_args: ModelArguments, lora_args: LoraArguments | None, gradient_checkpointing: bool,
+                       gradient_checkpointing_kwargs: dict[str, Any] | None) -> nn.Module:
+    """Stage 2's model: the stage-1 folder, optionally in 4 bit, in a PEFT LoRA model that trains the projector in
+    full (`modules_to_save`)."""
+    path = model_args.model_name_or_path
+    if _model_type(path) != MMLlamaConfig.model_type:
+        raise ValueError(
+            f"Stage 2 starts from a stage-1 output (an MM-LLaMA folder), but {path} is not one "
+            f"(config model_type {_model_type(path)!r}). Run stage 1 first and pass its output_dir."
+        )
+    if lora_args is None:
+        raise ValueError("Stage 2 needs LoRA arguments.")
+    from peft import get_peft_model, prepare_model_for_kbit_training
+
+    load_kwargs: dict[str, Any] = {"dtype": model_args.dtype, "attn_implementation": model_args.attn_implementation}
+    if model_args.load_in_4bit:
+        load_kwargs["quantization_config"] = quantization_config(
+            compute_dtype=model_args.bnb_4bit_compute_dtype, quant_type=model_args.bnb_4bit_quant_type,
+            double_quant=model_args.bnb_4bit_use_double_quant)
+    model = MMLlamaForCausalLM.from_pretrained(path, **load_kwargs)
+    set_projector_dropout(model, model_args.projector_dropout)
+    if model_args.load_in_4bit:
+        # Freezes the base, upcasts the non-quantized weights to fp32 and, with checkpointing, makes the
+        # embedding outputs require grad.
+        model = prepare_model_for_kbit_training(
+            model,
+            use_gradient_checkpointing=gradient_checkpointing,
+            gradient_checkpointing_kwargs=gradient_checkpointing_kwargs,
+        )
+    elif gradient_checkpointing:
+        model.enable_input_require_grads()
+    model = get_peft_model(model, lora_config(
+        model, r=lora_args.lora_r, alpha=lora_args.lora_alpha, dropout=lora_args.lora_dropout,
+        target_modules=lora_args.lora_target_modules, bias=lora_args.lora_bias))
+    if model_args.upcast_trainable_params:
+        upcast_trainable(model)
+    return model
 
 
 def is_projector_parameter(name: str) -> bool:

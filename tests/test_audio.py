@@ -21,9 +21,8 @@ from mm_llama.imagebind import (
     ImageBindAudioModel,
     ImageBindAudioProcessor,
     ImageBindProcessor,
-    ImageBindVisionConfig,
-    ImageBindVisionModel,
 )
+from mm_llama.testing_utils import tiny_imagebind
 from test_chat_cli import MAX_NEW_TOKENS, expected_answer, user
 from test_merge import save_stage1
 from test_processing import meta_style_media_tokens
@@ -73,8 +72,7 @@ def setup(tmp_path_factory, spm_model_path):
     root = tmp_path_factory.mktemp("audio")
     stage1 = save_stage1(root / "stage1", spm_model_path)
     imagebind = root / "imagebind"  # the layout `mm-llama convert-imagebind --modality all` writes
-    torch.manual_seed(0)
-    ImageBindVisionModel(ImageBindVisionConfig.from_preset("tiny", image_size=32)).save_pretrained(imagebind / "vision")
+    tiny_imagebind(image_size=32, seed=0).save_pretrained(imagebind / "vision")
     ImageBindProcessor(image_size=32).save_pretrained(imagebind / "vision")
     audio_model = ImageBindAudioModel(ImageBindAudioConfig.from_preset("tiny")).eval()
     audio_model.save_pretrained(imagebind / "audio")

@@ -205,11 +205,11 @@ def test_batch_file_runs_left_padded_batches_and_records_bad_lines(setup, tmp_pa
 
 
 def test_raw_image_through_a_standalone_imagebind_folder(setup, tmp_path, capsys):
-    from mm_llama.imagebind import ImageBindVisionConfig, ImageBindVisionModel, load_image
+    from mm_llama.imagebind import load_image
+    from mm_llama.testing_utils import tiny_imagebind
 
     root, stage1, embeds, model, processor = setup
-    torch.manual_seed(0)
-    encoder = ImageBindVisionModel(ImageBindVisionConfig.from_preset("tiny", image_size=32)).eval()
+    encoder = tiny_imagebind(image_size=32, seed=0).eval()
     encoder.save_pretrained(tmp_path / "imagebind")
     image = tmp_path / "photo.png"
     PIL.Image.fromarray(np.random.default_rng(0).integers(0, 256, (36, 50, 3), dtype=np.uint8)).save(image)

@@ -144,9 +144,6 @@ def test_two_media_records(corpus):
 def test_pretraining_scene_codes(spm_model_path):
     """Pre-training chats carry each media item's scene; encoding them lists one code per placeholder, in order, and
     the embedding puts exactly those codes at the placeholders and leaves every other position alone."""
-    from conftest import tiny_llama_config_kwargs
-    from transformers import LlamaConfig, LlamaForCausalLM
-
     from mm_llama import MMLlamaProcessor, MMLlamaTokenizer
     from mm_llama.demo.conversations import pretraining_items
     from mm_llama.demo.scenes import SCENE_ATTRIBUTES
@@ -155,11 +152,12 @@ def test_pretraining_scene_codes(spm_model_path):
         _embed_with_scene_codes,
         _encode_pretraining_item,
     )
+    from mm_llama.testing_utils import tiny_llama
 
     items = [item for item in pretraining_items(random.Random(0), 300) if item.get("media")]
     assert any(len(item["media"]) == 2 for item in items), "the pre-training mix has two-media chats"
     processor = MMLlamaProcessor(MMLlamaTokenizer(vocab_file=str(spm_model_path)))
-    model = LlamaForCausalLM(LlamaConfig(**tiny_llama_config_kwargs()))
+    model = tiny_llama(seed=None)
     codes = SceneCodes(model.config.hidden_size)
     item = next(item for item in items if len(item["media"]) == 2)
     for media in item["media"]:
@@ -332,9 +330,33 @@ def test_accuracy_by_type():
 
 
 # ------------------------------------------------------------------------------------------------- stand-ins
+def test_length_grouped_batches_cover_every_example_once_per_pass_in_a_new_order():
+    """Each pass yields every index once, in batches of neighbouring lengths; the next pass draws another order."""
+    from mm_llama.demo.tiny_llama import LengthGroupedBatches
+
+    lengths = [random.Random(i).randint(5, 100) for i in range(50)]
+    batches = LengthGroupedBatches(lengths, 8, random.Random(0))
+    first, second = list(batches), list(batches)
+    assert len(batches) == len(first) == 7 and [len(batch) for batch in first].count(8) == 6
+    for one_pass in (first, second):
+        assert sorted(i for batch in one_pass for i in batch) == list(range(50))
+    spans = sorted((min(lengths[i] for i in batch), max(lengths[i] for i in batch)) for batch in first)
+    assert all(low_next >= high for (_, high), (low_next, _) in zip(spans, spans[1:]))  # no two batches interleave
+    assert first != second
+
+
+def test_warmup_cosine_schedule():
+    """A linear warmup over the first 5% of the steps from 1/warmup, times a cosine over all steps to 0."""
+    from mm_llama.demo.tiny_llama import warmup_cosine
+
+    factor = warmup_cosine(100)  # warmup: 5 steps
+    assert factor(0) == pytest.approx(0.2 * 1.0) and factor(4) == pytest.approx(0.5 * (1 + np.cos(np.pi * 0.04)))
+    assert factor(50) == pytest.approx(0.5) and factor(100) == pytest.approx(0.0, abs=1e-12)
+
+
 @pytest.fixture(scope="module")
 def tokenizer_model(corpus, tmp_path_factory):
-    from mm_llama.demo.tiny_llama import train_tokenizer
+    from mm_llama.testing_utils import train_tokenizer
 
     paths, _ = corpus
     return train_tokenizer(paths.pretrain_text, tmp_path_factory.mktemp("tok"), vocab_size=400)
@@ -351,7 +373,7 @@ def test_tokenizer_has_llama_settings(tokenizer_model):
 
 def test_tokenizer_from_lines_equals_tokenizer_from_file(corpus, tokenizer_model, tmp_path):
     """`train_tokenizer` takes a text file or its lines and gives the same model; empty text is a clear error."""
-    from mm_llama.demo.tiny_llama import train_tokenizer
+    from mm_llama.testing_utils import train_tokenizer
 
     paths, _ = corpus
     lines = paths.pretrain_text.read_text(encoding="utf-8").splitlines()

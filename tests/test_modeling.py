@@ -3,25 +3,18 @@
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+from transformers import AutoModelForCausalLM, LlamaForCausalLM
 
-from conftest import tiny_llama_config_kwargs
 from remote_code import assert_remote_code_logits
 from mm_llama import MMLlamaConfig, MMLlamaForCausalLM
+from mm_llama.testing_utils import tiny_llama, tiny_llama_config, tiny_mm_llama
 
 MEDIA_DIM = 16
 
 
 def make_model(projector_type="linear", tokens_per_media=1, seed=0, **kwargs) -> MMLlamaForCausalLM:
-    torch.manual_seed(seed)
-    config = MMLlamaConfig(
-        text_config=LlamaConfig(**tiny_llama_config_kwargs()),
-        media_embed_dim=MEDIA_DIM,
-        projector_type=projector_type,
-        tokens_per_media=tokens_per_media,
-        **kwargs,
-    )
-    return MMLlamaForCausalLM(config).eval()
+    return tiny_mm_llama(seed, MEDIA_DIM, projector_type=projector_type, tokens_per_media=tokens_per_media,
+                         **kwargs).eval()
 
 
 def random_ids(batch, length, seed=1):
@@ -221,8 +214,7 @@ def test_trust_remote_code_load_without_the_package(tmp_path):
 
 
 def test_from_text_pretrained_starts_from_llama_weights(tmp_path):
-    torch.manual_seed(3)
-    llama = LlamaForCausalLM(LlamaConfig(**tiny_llama_config_kwargs())).eval()
+    llama = tiny_llama(seed=3).eval()
     llama.save_pretrained(tmp_path / "llama")
     model = MMLlamaForCausalLM.from_text_pretrained(tmp_path / "llama", projector_type="mlp2x_gelu",
                                                     media_embed_dim=MEDIA_DIM).eval()
@@ -283,7 +275,7 @@ def test_vision_tower_dimension_must_match_the_projector():
 
     with pytest.raises(Exception, match="media_embed_dim"):
         MMLlamaConfig(
-            text_config=LlamaConfig(**tiny_llama_config_kwargs()),
+            text_config=tiny_llama_config(),
             vision_config=ImageBindVisionConfig.from_preset("tiny", projection_dim=32),
             media_embed_dim=MEDIA_DIM,
         )

@@ -5,12 +5,9 @@ import random
 
 import pytest
 import torch
-from conftest import tiny_llama_config_kwargs
 from training_utils import MEDIA_DIM, make_rows, single_torch_thread  # noqa: F401  (fixture)
-from transformers import LlamaConfig
 
 from mm_llama import (
-    MMLlamaConfig,
     MMLlamaForCausalLM,
     MMLlamaProcessor,
     MMLlamaTokenizer,
@@ -25,6 +22,7 @@ from mm_llama.data.packing import (
     sequence_ids,
 )
 from mm_llama.processing_mm_llama import IGNORE_INDEX
+from mm_llama.testing_utils import tiny_mm_llama
 
 
 @pytest.fixture(scope="module")
@@ -33,11 +31,7 @@ def processor(spm_model_path):
 
 
 def make_model(attn_implementation: str = "sdpa", seed: int = 0) -> MMLlamaForCausalLM:
-    torch.manual_seed(seed)
-    config = MMLlamaConfig(text_config=LlamaConfig(**tiny_llama_config_kwargs()), media_embed_dim=MEDIA_DIM)
-    config._attn_implementation = attn_implementation
-    config.text_config._attn_implementation = attn_implementation
-    return MMLlamaForCausalLM(config).eval()
+    return tiny_mm_llama(seed, MEDIA_DIM, attn_implementation=attn_implementation).eval()
 
 
 def lengths_of(collator, rows):

@@ -114,10 +114,10 @@ def test_raw_image_through_the_model_vision_tower(spm_model_path, tmp_path):
 
 
 def test_raw_image_through_a_standalone_imagebind_encoder(stage1, tmp_path):
-    from mm_llama.imagebind import ImageBindVisionConfig, ImageBindVisionModel, load_image
+    from mm_llama.imagebind import load_image
+    from mm_llama.testing_utils import tiny_imagebind
 
-    torch.manual_seed(0)
-    encoder = ImageBindVisionModel(ImageBindVisionConfig.from_preset("tiny", image_size=32)).eval()
+    encoder = tiny_imagebind(image_size=32, seed=0).eval()
     model = AutoModelForCausalLM.from_pretrained(stage1).eval()
     processor = MMLlamaProcessor.from_pretrained(stage1)
     image = _png(tmp_path / "a.png", 3)

@@ -46,14 +46,13 @@ def setup(tmp_path_factory, spm_model_path):
     from transformers import AutoModelForCausalLM
 
     from mm_llama import MMLlamaProcessor
-    from mm_llama.imagebind import ImageBindVisionConfig, ImageBindVisionModel, load_image
+    from mm_llama.imagebind import load_image
+    from mm_llama.testing_utils import tiny_imagebind
 
     root = tmp_path_factory.mktemp("web")
     stage1 = save_stage1(root / "stage1", spm_model_path)
-    torch.manual_seed(0)
     # Weights 10x the default init: with the default, every image gets nearly the same embedding (cosine 0.998).
-    config = ImageBindVisionConfig.from_preset("tiny", image_size=32, initializer_range=0.2)
-    encoder = ImageBindVisionModel(config).eval()
+    encoder = tiny_imagebind(image_size=32, seed=0, initializer_range=0.2).eval()
     encoder.save_pretrained(root / "imagebind")
     halves = np.zeros((36, 50, 3), dtype=np.uint8)
     halves[:, :25] = 255

@@ -4,17 +4,15 @@ from __future__ import annotations
 
 import contextlib
 import random
-import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from datasets import Dataset, DatasetDict
-from transformers import LlamaConfig, LlamaForCausalLM
 
-from conftest import tiny_llama_config_kwargs
 from mm_llama.data import dataset_features
+from mm_llama.testing_utils import save_llama_folder, tiny_llama
 
 MEDIA_DIM = 16
 COLOURS = ["red", "blue", "green", "yellow"]
@@ -22,7 +20,7 @@ QUESTIONS = ["What is shown in this image?", "Which colour is the triangle?", "D
 
 
 def make_llama_folder(path: Path, spm_model_path: Path, seed: int = 0, pretrain_steps: int = 40) -> Path:
-    """A tiny `LlamaForCausalLM` saved with `save_pretrained`, plus LLaMA's `tokenizer.model`.
+    """A tiny `LlamaForCausalLM` (`mm_llama.testing_utils.tiny_llama`) saved with LLaMA's `tokenizer.model`.
 
     It is first trained briefly on `make_rows` conversations (placeholders left as `<unk>`), so that, like a real
     LLaMA, it predicts the chat text well and a projector can move the loss and the accuracy on media answers.
@@ -30,8 +28,7 @@ def make_llama_folder(path: Path, spm_model_path: Path, seed: int = 0, pretrain_
     from mm_llama import MMLlamaProcessor, MMLlamaTokenizer
     from mm_llama.data.collator import MMLlamaDataCollator
 
-    torch.manual_seed(seed)
-    model = LlamaForCausalLM(LlamaConfig(**tiny_llama_config_kwargs()))
+    model = tiny_llama(seed)
     collator = MMLlamaDataCollator(MMLlamaProcessor(MMLlamaTokenizer(vocab_file=str(spm_model_path))),
                                    max_seq_len=None, prompt_loss_weight=1.0)
     rows = make_rows(64, seed=seed + 1000)
@@ -42,9 +39,7 @@ def make_llama_folder(path: Path, spm_model_path: Path, seed: int = 0, pretrain_
         loss.backward()
         optimizer.step()
         optimizer.zero_grad()
-    model.save_pretrained(path)
-    shutil.copy(spm_model_path, Path(path) / "tokenizer.model")
-    return Path(path)
+    return save_llama_folder(model, spm_model_path, path)
 
 
 def make_rows(num_rows: int, seed: int = 0, video_share: float = 0.3, multi_turn_share: float = 0.3) -> list[dict]:

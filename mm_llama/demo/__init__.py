@@ -4,7 +4,8 @@ ImageBind saved in Meta's checkpoint formats, and a pipeline that runs the proje
 - `scenes`: the synthetic world (coloured shapes, clips that move or change colour), drawn and encoded as files.
 - `conversations`: questions, answers and records in LLaVA / VideoChat formats, eval items, pre-training text.
 - `corpus`: the corpus sizes and the writer of every file.
-- `tiny_llama`, `tiny_imagebind`: the sentencepiece tokenizer and the two stand-in models, written as Meta ships them.
+- `tiny_llama`, `tiny_imagebind`: the two stand-in models, pre-trained with the HF Trainer (`trainer`) and written
+  as Meta ships them (their tokenizer and tiny builders: `mm_llama.testing_utils`).
 - `pipeline`: every step in order, with a summary per step and accuracy per question type against chance.
 """
 

@@ -145,6 +145,9 @@ def _write_jsonl(items: Iterable[dict], path: Path) -> None:
             f.write(json.dumps(item) + "\n")
 
 
+Media = tuple[dict, ImageScene | VideoScene]  # ({"type", "path" relative to the corpus root}, scene)
+
+
 def generate_corpus(output_dir: str | Path, size: CorpusSize | str = "smoke", seed: int = 0,
                     progress: bool = True) -> tuple[CorpusPaths, dict]:
     """Writes the whole corpus under `output_dir`; returns its paths and a summary (also saved as corpus.json).
@@ -159,44 +162,67 @@ def generate_corpus(output_dir: str | Path, size: CorpusSize | str = "smoke", se
     for folder in (paths.cc3m_images, paths.instruct_images, paths.videochat_videos, paths.eval_jsonl.parent / "images",
                    paths.eval_jsonl.parent / "videos", paths.pretrain_text.parent):
         folder.mkdir(parents=True, exist_ok=True)
-    stage2_media: list[tuple[dict, ImageScene | VideoScene]] = []  # ({"type", "path"}, scene), for two-media chats
+    records = {}
+    records["cc3m"], _ = _write_images(paths, "cc3m", size.caption_images, paths.cc3m_images, "GCC_train_",
+                                       caption_record, seed, progress)
+    _dump_json(records["cc3m"], paths.cc3m_json)
+    records["instruct"], instruct_media = _write_images(paths, "instruct", size.instruct_images, paths.instruct_images,
+                                                        "", instruct_record, seed, progress)
+    _dump_json(records["instruct"], paths.instruct_json)
+    records["videochat"], video_media = _write_videochat(paths, size.videos, seed, progress)
+    _dump_json(records["videochat"], paths.videochat_json)
+    records["two_media"] = _two_media_records(instruct_media + video_media, size.two_media, seed)
+    _write_jsonl(records["two_media"], paths.two_media_jsonl)
+    records["eval"] = _write_eval_media(paths, size, seed, progress)
+    _write_jsonl(records["eval"], paths.eval_jsonl)
+    records["pretrain"] = _write_pretraining_text(paths, size.pretrain_lines, seed)
+    summary = _corpus_summary(paths, size, seed, records)
+    _dump_json(summary, paths.summary)
+    return paths, summary
 
-    def images(stream: str, count: int, folder: Path, prefix: str,
-               make: Callable[[str, str, ImageScene, random.Random], dict]) -> list[dict]:
-        rng, records = random.Random(f"{seed}-{stream}"), []
-        for i in _progress(range(count), count, f"{stream} images", progress):
-            scene = sample_image_scene(rng)
-            name = f"{prefix}{i:06d}.jpg"
-            render_image(scene, seed=rng.getrandbits(32)).save(folder / name, quality=JPEG_QUALITY)
-            records.append(make(f"{prefix}{i:06d}", name, scene, rng))
-            if stream == "instruct":
-                path = (folder / name).relative_to(paths.root).as_posix()
-                stage2_media.append(({"type": "image", "path": path}, scene))
-        return records
 
-    cc3m = images("cc3m", size.caption_images, paths.cc3m_images, "GCC_train_", caption_record)
-    _dump_json(cc3m, paths.cc3m_json)
-    instruct = images("instruct", size.instruct_images, paths.instruct_images, "", instruct_record)
-    _dump_json(instruct, paths.instruct_json)
+def _write_images(paths: CorpusPaths, stream: str, count: int, folder: Path, prefix: str,
+                  make: Callable[[str, str, ImageScene, random.Random], dict], seed: int,
+                  progress: bool) -> tuple[list[dict], list[Media]]:
+    """`count` JPEG images of random scenes in `folder` and their records (`make`), drawn from the `stream` random
+    stream; returns (records, media for two-media chats)."""
+    rng, records, media = random.Random(f"{seed}-{stream}"), [], []
+    for i in _progress(range(count), count, f"{stream} images", progress):
+        scene = sample_image_scene(rng)
+        name = f"{prefix}{i:06d}.jpg"
+        render_image(scene, seed=rng.getrandbits(32)).save(folder / name, quality=JPEG_QUALITY)
+        records.append(make(f"{prefix}{i:06d}", name, scene, rng))
+        media.append(({"type": "image", "path": (folder / name).relative_to(paths.root).as_posix()}, scene))
+    return records, media
 
-    rng, videochat = random.Random(f"{seed}-videochat"), []
-    for i in _progress(range(size.videos), size.videos, "videochat videos", progress):
+
+def _write_videochat(paths: CorpusPaths, count: int, seed: int, progress: bool) -> tuple[list[dict], list[Media]]:
+    """`count` mp4 clips (alternately moving and changing colour) in WebVid-style folders and their VideoChat
+    records; returns (records, media for two-media chats)."""
+    rng, records, media = random.Random(f"{seed}-videochat"), [], []
+    for i in _progress(range(count), count, "videochat videos", progress):
         scene = sample_video_scene(rng, kind=("move", "turn")[i % 2])
         relative = f"{i // 50 * 50:06d}_{i // 50 * 50 + 49:06d}/{1000000 + i}.mp4"  # WebVid-style <folder>/<name>
         write_mp4(render_video_frames(scene, seed=rng.getrandbits(32)), paths.videochat_videos / relative)
-        videochat.append(videochat_record(relative, scene, rng))
+        records.append(videochat_record(relative, scene, rng))
         path = (paths.videochat_videos / relative).relative_to(paths.root).as_posix()
-        stage2_media.append(({"type": "video", "path": path}, scene))
-    _dump_json(videochat, paths.videochat_json)
+        media.append(({"type": "video", "path": path}, scene))
+    return records, media
 
-    rng, two_media = random.Random(f"{seed}-two-media"), []
+
+def _two_media_records(stage2_media: list[Media], count: int, seed: int) -> list[dict]:
+    """`count` chats with one of stage 2's images on the first turn and any stage-2 image or clip on a later one."""
+    rng, records = random.Random(f"{seed}-two-media"), []
     images_only = [item for item in stage2_media if item[0]["type"] == "image"]
-    for i in range(size.two_media if images_only else 0):
+    for i in range(count if images_only else 0):
         (first_media, first), (second_media, second) = rng.choice(images_only), rng.choice(stage2_media)
-        two_media.append(two_media_record(f"two_media_{i:06d}", [first_media, second_media],
-                                          two_media_pairs(first, second, rng)))
-    _write_jsonl(two_media, paths.two_media_jsonl)
+        records.append(two_media_record(f"two_media_{i:06d}", [first_media, second_media],
+                                        two_media_pairs(first, second, rng)))
+    return records
 
+
+def _write_eval_media(paths: CorpusPaths, size: CorpusSize, seed: int, progress: bool) -> list[dict]:
+    """The held-out images and clips (their own random stream) and their eval items."""
     rng, evaluation = random.Random(f"{seed}-eval"), []
     eval_dir = paths.eval_jsonl.parent
     for i in _progress(range(size.eval_images), size.eval_images, "eval images", progress):
@@ -209,25 +235,34 @@ def generate_corpus(output_dir: str | Path, size: CorpusSize | str = "smoke", se
         relative = f"videos/eval_{i:05d}.mp4"
         write_mp4(render_video_frames(scene, seed=rng.getrandbits(32)), eval_dir / relative)
         evaluation += eval_items(f"vid{i:05d}", "video", relative, scene)
-    _write_jsonl(evaluation, paths.eval_jsonl)
+    return evaluation
 
-    pretrain = pretraining_items(random.Random(f"{seed}-text"), size.pretrain_lines)
+
+def _write_pretraining_text(paths: CorpusPaths, count: int, seed: int) -> list[dict]:
+    """The stand-in LLaMA's pre-training items (JSONL) and the tokenizer's training text; returns the items."""
+    pretrain = pretraining_items(random.Random(f"{seed}-text"), count)
     _write_jsonl(pretrain, paths.pretrain_jsonl)
     # The tokenizer's training text: everything a model of the demo reads or writes, including the chat markup.
     lines = [render_text(item) for item in pretrain] + list(CAPTION_PROMPTS) + ["<<SYS>>", "<</SYS>>"]
     paths.pretrain_text.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return pretrain
 
-    summary = {
+
+def _corpus_summary(paths: CorpusPaths, size: CorpusSize, seed: int, records: dict[str, list[dict]]) -> dict:
+    """corpus.json: seed, sizes, counts of each part, the world's vocabulary and question types, paths."""
+    evaluation = records["eval"]
+    return {
         "seed": seed,
         "size": asdict(size),
         "counts": {
-            "cc3m_records": len(cc3m),
-            "instruct_records": len(instruct),
-            "videochat_records": len(videochat),
-            "two_media_records": len(two_media),
+            "cc3m_records": len(records["cc3m"]),
+            "instruct_records": len(records["instruct"]),
+            "videochat_records": len(records["videochat"]),
+            "two_media_records": len(records["two_media"]),
             "eval_questions": len(evaluation),
-            "eval_questions_by_type": {name: sum(item["type"] == name for item in evaluation) for name in QUESTION_TYPES},
-            "pretrain_items": len(pretrain),
+            "eval_questions_by_type": {name: sum(item["type"] == name for item in evaluation)
+                                       for name in QUESTION_TYPES},
+            "pretrain_items": len(records["pretrain"]),
         },
         "vocabulary": {"colours": list(COLOURS), "shapes": list(SHAPES), "backgrounds": list(BACKGROUNDS),
                        "directions": list(DIRECTIONS)},
@@ -235,8 +270,6 @@ def generate_corpus(output_dir: str | Path, size: CorpusSize | str = "smoke", se
                            for name, qt in QUESTION_TYPES.items()},
         "paths": {key: str(value) for key, value in asdict(paths).items()},
     }
-    _dump_json(summary, paths.summary)
-    return paths, summary
 
 
 def read_eval_items(path: str | Path) -> list[dict]:

@@ -5,7 +5,7 @@ command line printed, so that a user can re-run any step by hand): checkpoint co
 `mm-llama train` with the demo recipes (shipped in the package: mm_llama/demo/recipes/), `mm-llama merge` and
 `mm-llama evaluate`. The code that runs is the code that trains LLaMA-2-7B on a GPU; only the sizes differ.
 
-Why one module of ~400 lines: the demo's steps read in order, top to bottom, as a user sees them run.
+Over 400 lines as one module so that the demo's steps read in order, top to bottom, as a user sees them run.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ RECIPES_DIR = Path(__file__).resolve().parent / "recipes"  # package data: works
 
 @dataclass(frozen=True)
 class DemoSize:
-    """Knobs of one demo size. `smoke` is what the test runs; `full` is README's demo."""
+    """Knobs of one demo size. `smoke` is what the test runs; `full` is the demo of docs/demo.md."""
 
     corpus: str
     vocab_size: int
@@ -205,121 +205,150 @@ def _library_progress_bars_off():
 
 def _run_steps(config: DemoConfig, size: DemoSize, device: str, paths: DemoPaths, reporter: Reporter) -> dict:
     reporter.print(f"MM-LLaMA demo: size {config.size}, device {device}, seed {config.seed}, output {paths.root}")
-    summary: dict = {"size": config.size, "device": device, "seed": config.seed, "knobs": asdict(size),
-                     "output": str(paths.root)}
+    run = _DemoRun(config, size, device, paths, reporter, {"size": config.size, "device": device, "seed": config.seed,
+                                                            "knobs": asdict(size), "output": str(paths.root)})
+    steps = (run.corpus, run.tokenizer, run.tiny_llama, run.tiny_imagebind, run.build_datasets, run.stage1,
+             run.stage2, run.merge, run.evaluation)
+    for title, step in zip(STEP_TITLES, steps, strict=True):
+        with reporter.step(title) as context:
+            step(context)
+    return run.summary
 
-    with reporter.step(STEP_TITLES[0]) as step:
-        _, corpus = generate_corpus(paths.corpus.root, CORPUS_SIZES[size.corpus], seed=config.seed,
-                                    progress=config.progress)
+
+@dataclass
+class _DemoRun:
+    """One demo run: its settings, the summary its steps fill in, and one method per step of STEP_TITLES, in order;
+    each gets the step's reporting context to note its results on."""
+
+    config: DemoConfig
+    size: DemoSize
+    device: str
+    paths: DemoPaths
+    reporter: Reporter
+    summary: dict
+    tokenizer_model: Path | None = None
+
+    def corpus(self, step) -> None:
+        paths = self.paths.corpus
+        _, corpus = generate_corpus(paths.root, CORPUS_SIZES[self.size.corpus], seed=self.config.seed,
+                                    progress=self.config.progress)
         counts = corpus["counts"]
-        step.note(f"stage 1 (CC3M chat.json format): {counts['cc3m_records']} captioned images -> {paths.corpus.cc3m_json}")
+        step.note(f"stage 1 (CC3M chat.json format): {counts['cc3m_records']} captioned images -> {paths.cc3m_json}")
         step.note(f"stage 2 (LLaVA-Instruct format): {counts['instruct_records']} image conversations -> "
-                  f"{paths.corpus.instruct_json}")
+                  f"{paths.instruct_json}")
         step.note(f"stage 2 (VideoChat format): {counts['videochat_records']} mp4 clips with Q/A -> "
-                  f"{paths.corpus.videochat_json}")
+                  f"{paths.videochat_json}")
         step.note(f"held-out eval: {counts['eval_questions']} questions {counts['eval_questions_by_type']}")
         step.note(f"pre-training text: {counts['pretrain_items']} captions and text-only chats")
-        summary["corpus"] = counts
+        self.summary["corpus"] = counts
 
-    with reporter.step(STEP_TITLES[1]) as step:
-        tokenizer_model = train_tokenizer(paths.corpus.pretrain_text, paths.root / "checkpoints" / "tokenizer",
-                                          vocab_size=size.vocab_size)
-        step.note(f"vocabulary {size.vocab_size} (LLaMA-2: 32000) -> {tokenizer_model}")
+    def tokenizer(self, step) -> None:
+        self.tokenizer_model = train_tokenizer(self.paths.corpus.pretrain_text,
+                                               self.paths.root / "checkpoints" / "tokenizer",
+                                               vocab_size=self.size.vocab_size)
+        step.note(f"vocabulary {self.size.vocab_size} (LLaMA-2: 32000) -> {self.tokenizer_model}")
 
-    with reporter.step(STEP_TITLES[2]) as step:
-        llama = pretrain_tiny_llama(paths.corpus.pretrain_jsonl, tokenizer_model, paths.meta_llama,
-                                    spec=TinyLlamaSpec(), steps=size.llama_steps, seed=config.seed, device=device,
-                                    on_step=progress_bar("pre-training tiny LLaMA", config.progress))
+    def tiny_llama(self, step) -> None:
+        paths = self.paths
+        llama = pretrain_tiny_llama(paths.corpus.pretrain_jsonl, self.tokenizer_model, paths.meta_llama,
+                                    spec=TinyLlamaSpec(), steps=self.size.llama_steps, seed=self.config.seed,
+                                    device=self.device,
+                                    on_step=progress_bar("pre-training tiny LLaMA", self.config.progress))
         step.note(f"{llama['parameters'] / 1e6:.2f} M parameters, {llama['steps']} steps, final loss "
                   f"{llama['final_loss']:.3f} ({llama['seconds']:.0f} s) -> {paths.meta_llama}")
         run_step("convert-meta", ["--input_dir", paths.meta_llama, "--output_dir", paths.hf_llama,
-                                                  "--dtype", "float32", "--no_progress"], reporter)
+                                  "--dtype", "float32", "--no_progress"], self.reporter)
         step.note(f"converted to a Hugging Face LLaMA folder -> {paths.hf_llama}")
-        summary["llama"] = llama
+        self.summary["llama"] = llama
 
-    with reporter.step(STEP_TITLES[3]) as step:
+    def tiny_imagebind(self, step) -> None:
+        paths, size = self.paths, self.size
         imagebind = pretrain_tiny_imagebind(paths.meta_imagebind, image_size=IMAGEBIND_IMAGE_SIZE,
                                             held_out_examples=size.imagebind_held_out, steps=size.imagebind_steps,
                                             training_examples=size.imagebind_examples,
-                                            seed=config.seed, device=device,
-                                            on_step=progress_bar("pre-training tiny ImageBind", config.progress))
+                                            seed=self.config.seed, device=self.device,
+                                            on_step=progress_bar("pre-training tiny ImageBind", self.config.progress))
         accuracy = ", ".join(f"{k} {v:.0%}" for k, v in imagebind["held_out_attribute_accuracy"].items())
         step.note(f"{imagebind['parameters'] / 1e6:.2f} M parameters, {imagebind['steps']} steps; held-out attribute "
                   f"accuracy of its pre-training heads (discarded): {accuracy}")
-        run_step("convert-imagebind", ["--checkpoint", paths.meta_imagebind, "--output_dir",
-                                                       paths.hf_imagebind, "--preset", "tiny", "--image_size",
-                                                       IMAGEBIND_IMAGE_SIZE], reporter)
+        run_step("convert-imagebind", ["--checkpoint", paths.meta_imagebind, "--output_dir", paths.hf_imagebind,
+                                       "--preset", "tiny", "--image_size", IMAGEBIND_IMAGE_SIZE], self.reporter)
         step.note(f"converted to an ImageBindVisionModel folder -> {paths.hf_imagebind}")
-        summary["imagebind"] = imagebind
+        self.summary["imagebind"] = imagebind
 
-    with reporter.step(STEP_TITLES[4]) as step:
+    def build_datasets(self, step) -> None:
+        corpus = self.paths.corpus
         builds = {
-            "cc3m": ["--source", "llava", "--json", paths.corpus.cc3m_json, "--media-dir", paths.corpus.cc3m_images],
-            "llava_instruct": ["--source", "llava", "--json", paths.corpus.instruct_json, "--media-dir",
-                               paths.corpus.instruct_images],
-            "videochat": ["--source", "videochat", "--json", paths.corpus.videochat_json, "--media-dir",
-                          paths.corpus.videochat_videos],
-            "two_media": ["--source", "records", "--json", paths.corpus.two_media_jsonl, "--media-dir",
-                          paths.corpus.root],
+            "cc3m": ["--source", "llava", "--json", corpus.cc3m_json, "--media-dir", corpus.cc3m_images],
+            "llava_instruct": ["--source", "llava", "--json", corpus.instruct_json, "--media-dir",
+                               corpus.instruct_images],
+            "videochat": ["--source", "videochat", "--json", corpus.videochat_json, "--media-dir",
+                          corpus.videochat_videos],
+            "two_media": ["--source", "records", "--json", corpus.two_media_jsonl, "--media-dir", corpus.root],
         }
-        summary["datasets"] = {}
+        self.summary["datasets"] = {}
         for name, source in builds.items():
-            run_step("build-datasets", [*source, "--encoder", paths.hf_imagebind, "--output", paths.dataset(name),
-                                             "--validation-ratio", "0.05", "--seed", config.seed, "--batch-size", 32,
-                                             "--num-workers", config.num_workers, "--overwrite",
-                                             "--no-progress"], reporter)  # seconds each; summary lines suffice
-            manifest = json.loads((paths.dataset(name) / "manifest.json").read_text())
-            summary["datasets"][name] = manifest.get("counts", manifest)
-            step.note(f"{name}: {_dataset_counts(paths.dataset(name))} -> {paths.dataset(name)}")
+            output = self.paths.dataset(name)
+            run_step("build-datasets", [*source, "--encoder", self.paths.hf_imagebind, "--output", output,
+                                        "--validation-ratio", "0.05", "--seed", self.config.seed, "--batch-size", 32,
+                                        "--num-workers", self.config.num_workers, "--overwrite",
+                                        "--no-progress"], self.reporter)  # seconds each; summary lines suffice
+            manifest = json.loads((output / "manifest.json").read_text())
+            self.summary["datasets"][name] = manifest.get("counts", manifest)
+            step.note(f"{name}: {_dataset_counts(output)} -> {output}")
 
-    train_common = ["--seed", str(config.seed)] + (["--use_cpu", "true"] if device == "cpu" else [])
-    if not config.progress:
-        train_common += ["--disable_tqdm", "true"]
-    if size.max_steps is not None:
-        train_common += ["--max_steps", str(size.max_steps)]
-    with reporter.step(STEP_TITLES[5]) as step:
-        run_step("train", [RECIPES_DIR / "stage1.yaml", "--model_name_or_path", paths.hf_llama,
-                                "--dataset_paths", paths.dataset("cc3m"), "--output_dir", paths.run(1),
-                                "--num_train_epochs", size.stage1_epochs, *train_common], reporter)
-        summary["stage1"] = _train_metrics(paths.run(1))
-        step.note(_format_train_metrics(summary["stage1"]) + f" -> {paths.run(1)} (TensorBoard: {paths.run(1)}/runs)")
+    def _train(self, stage: int, recipe_args: list, epochs: float, step) -> None:
+        """`mm-llama train` with the demo's recipe of `stage`, then its metrics noted and summarised."""
+        common = ["--seed", str(self.config.seed)] + (["--use_cpu", "true"] if self.device == "cpu" else [])
+        if not self.config.progress:
+            common += ["--disable_tqdm", "true"]
+        if self.size.max_steps is not None:
+            common += ["--max_steps", str(self.size.max_steps)]
+        run = self.paths.run(stage)
+        run_step("train", [RECIPES_DIR / f"stage{stage}.yaml", *recipe_args, "--output_dir", run,
+                           "--num_train_epochs", epochs, *common], self.reporter)
+        self.summary[f"stage{stage}"] = _train_metrics(run)
+        step.note(_format_train_metrics(self.summary[f"stage{stage}"]) + f" -> {run} (TensorBoard: {run}/runs)")
 
-    with reporter.step(STEP_TITLES[6]) as step:
-        run_step("train", [RECIPES_DIR / "stage2.yaml", "--model_name_or_path", paths.run(1),
-                                "--dataset_paths", paths.dataset("llava_instruct"), paths.dataset("videochat"),
-                                paths.dataset("two_media"),
-                                "--output_dir", paths.run(2), "--num_train_epochs", size.stage2_epochs,
-                                *train_common], reporter)
-        summary["stage2"] = _train_metrics(paths.run(2))
-        step.note(_format_train_metrics(summary["stage2"]) + f" -> {paths.run(2)} (TensorBoard: {paths.run(2)}/runs)")
+    def stage1(self, step) -> None:
+        self._train(1, ["--model_name_or_path", self.paths.hf_llama, "--dataset_paths", self.paths.dataset("cc3m")],
+                    self.size.stage1_epochs, step)
 
-    with reporter.step(STEP_TITLES[7]) as step:
-        run_step("merge", [paths.run(2), paths.merged], reporter)
-        step.note(f"merged model (AutoModelForCausalLM.from_pretrained loads it) -> {paths.merged}")
+    def stage2(self, step) -> None:
+        datasets = [self.paths.dataset(name) for name in ("llava_instruct", "videochat", "two_media")]
+        self._train(2, ["--model_name_or_path", self.paths.run(1), "--dataset_paths", *datasets],
+                    self.size.stage2_epochs, step)
 
-    with reporter.step(STEP_TITLES[8]) as step:
+    def merge(self, step) -> None:
+        run_step("merge", [self.paths.run(2), self.paths.merged], self.reporter)
+        step.note(f"merged model (AutoModelForCausalLM.from_pretrained loads it) -> {self.paths.merged}")
+
+    def evaluation(self, step) -> None:
+        paths = self.paths
         eval_items = read_eval_items(paths.corpus.eval_jsonl)
         results = {}
         for name, model_dir in (("after stage 1", paths.run(1)), ("after stage 2", paths.merged)):
-            key = name.replace(" ", "_")
-            predictions = run_generation_eval(model_dir, paths, key, reporter, device, config.progress)
+            predictions = run_generation_eval(model_dir, paths, name.replace(" ", "_"), self.reporter, self.device,
+                                              self.config.progress)
             results[name] = accuracy_by_type(eval_items, predictions)
-        summary["accuracy"] = results
+        self.summary["accuracy"] = results
         step.note("held-out answer accuracy (generation, greedy):\n" + format_accuracy_table(results))
-        summary["samples"] = sample_chats(eval_items, predictions, paths)
-        for sample in summary["samples"]:
+        self.summary["samples"] = sample_chats(eval_items, predictions, paths)
+        for sample in self.summary["samples"]:
             step.note(f"[{sample['media']}] shows: {sample['description']}\n      Q: {sample['question']}\n"
                       f"      A: {sample['answer']}   (reference: {sample['reference']})")
-        # Two live chats with the merged model, as a user would start them (streamed to the terminal).
-        live = [next((s for s in summary["samples"] if s["media_type"] == kind), None) for kind in ("image", "video")]
-        for sample in filter(None, live):
-            reporter.print(f"    chat about {sample['media']} ({sample['description']})")
-            run_step("chat", [paths.merged, "--imagebind", paths.hf_imagebind, "--temperature", "0",
-                                   "--max_new_tokens", "24", "--device", device, "--prompt", sample["question"],
-                                   f"--{sample['media_type']}", paths.corpus.eval_jsonl.parent / sample["media"]],
-                       reporter)
+        self._live_chats()
 
-    return summary
+    def _live_chats(self) -> None:
+        """Two live chats with the merged model, as a user would start them (streamed to the terminal)."""
+        samples = self.summary["samples"]
+        live = [next((s for s in samples if s["media_type"] == kind), None) for kind in ("image", "video")]
+        for sample in filter(None, live):
+            self.reporter.print(f"    chat about {sample['media']} ({sample['description']})")
+            run_step("chat", [self.paths.merged, "--imagebind", self.paths.hf_imagebind, "--temperature", "0",
+                              "--max_new_tokens", "24", "--device", self.device, "--prompt", sample["question"],
+                              f"--{sample['media_type']}", self.paths.corpus.eval_jsonl.parent / sample["media"]],
+                     self.reporter)
 
 
 def _print_closing_summary(summary: dict, paths: DemoPaths, reporter: Reporter) -> None:

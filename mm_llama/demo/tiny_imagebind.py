@@ -18,6 +18,7 @@ from typing import Iterator
 import numpy as np
 import torch
 from torch import nn
+from torch.utils.data import Sampler
 
 from .scenes import (
     SCENE_ATTRIBUTES,
@@ -32,7 +33,7 @@ from .scenes import (
     scene_attributes,
     write_mp4,
 )
-from .tiny_llama import ProgressFn
+from .trainer import ProgressFn, train_steps
 
 # ================================================================================================ tiny ImageBind
 IMAGEBIND_IMAGE_SIZE = 84  # 6 x 6 patches of 14 px: enough for colours, sizes and a change between frames
@@ -138,6 +139,64 @@ def _stand_in_examples(count: int, seed: int, image_size: int,
             yield load_video(frames, image_size=image_size, num_clips=1, num_crops=1, fps=1.0)[0], _labels(scene)
 
 
+class AttributeReader(nn.Module):
+    """What the stand-in's pre-training trains: the encoder and one linear head per attribute of `SCENE_ATTRIBUTES`
+    on its embedding (the heads are thrown away). `forward` returns the summed cross-entropy of the attributes that
+    apply (-1 targets do not), the shape the HF Trainer steps on."""
+
+    def __init__(self, encoder):
+        super().__init__()
+        self.encoder = encoder  # parameter order: the encoder's, then the heads'
+        self.heads = nn.ModuleDict({name: nn.Linear(encoder.config.projection_dim, len(classes))
+                                    for name, classes in SCENE_ATTRIBUTES.items()})
+
+    def logits(self, pixel_values: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Per attribute, `[batch, classes]` logits of `[batch, 3, 2, S, S]` media."""
+        # The heads read the L2-normalised embedding (scaled up: unit vectors give tiny logits), which is what the
+        # MM-LLaMA projector will read.
+        device = self.encoder.device
+        embeds = self.encoder(pixel_values.to(device, torch.float32), return_dict=True).embeds * 20.0
+        return {name: head(embeds) for name, head in self.heads.items()}
+
+    def forward(self, pixel_values: torch.Tensor, targets: torch.Tensor) -> dict[str, torch.Tensor]:
+        out, targets = self.logits(pixel_values), targets.to(self.encoder.device)
+        loss = sum(nn.functional.cross_entropy(out[name], targets[:, k], ignore_index=-1)
+                   for k, name in enumerate(SCENE_ATTRIBUTES) if (targets[:, k] >= 0).any())
+        return {"loss": loss}
+
+    @torch.no_grad()
+    def accuracy(self, pixel_values: torch.Tensor, targets: torch.Tensor) -> dict[str, float]:
+        """Per attribute, the share of media (where it applies) whose head picks the right class."""
+        out, targets = self.logits(pixel_values), targets.to(self.encoder.device)
+        accuracy = {}
+        for k, name in enumerate(SCENE_ATTRIBUTES):
+            mask = targets[:, k] >= 0
+            if mask.any():
+                accuracy[name] = (out[name][mask].argmax(-1) == targets[mask, k]).float().mean().item()
+        return accuracy
+
+
+class RandomBatches(Sampler[list[int]]):
+    """`steps` batches of `batch_size` indices drawn with replacement by `rng.randrange` (what the stand-in's results
+    were measured with; torch's RandomSampler draws from another generator, hence other batches)."""
+
+    def __init__(self, pool_size: int, batch_size: int, steps: int, rng: random.Random):
+        self.pool_size, self.batch_size, self.steps, self.rng = pool_size, batch_size, steps, rng
+
+    def __len__(self) -> int:
+        return self.steps
+
+    def __iter__(self) -> Iterator[list[int]]:
+        for _ in range(self.steps):
+            yield [self.rng.randrange(self.pool_size) for _ in range(self.batch_size)]
+
+
+def _stack(examples: list[tuple[torch.Tensor, list[int]]]) -> dict[str, torch.Tensor]:
+    """`pixel_values` `[batch, 3, 2, S, S]` and `targets` `[batch, attributes]` of (pixels, labels) examples."""
+    return {"pixel_values": torch.stack([p for p, _ in examples]),
+            "targets": torch.tensor([lab for _, lab in examples])}
+
+
 def pretrain_tiny_imagebind(
     output_file: str | Path,
     *,
@@ -152,74 +211,38 @@ def pretrain_tiny_imagebind(
     config_overrides: dict | None = None,
     on_step: ProgressFn | None = None,
 ) -> dict:
-    """Pre-trains the "tiny" ImageBind preset on its own synthetic scenes (after random codec round trips) to
-    predict every attribute of `SCENE_ATTRIBUTES` from its embedding, and saves it to `output_file` as a flat `.pth`
-    state dict in Meta's key layout. Returns a summary (held-out attribute accuracies of the pre-training heads,
-    which are not saved, time)."""
-    from mm_llama.imagebind import ImageBindVisionConfig, ImageBindVisionModel
+    """Pre-trains the "tiny" ImageBind preset with the HF Trainer on its own synthetic scenes (after random codec
+    round trips) to predict every attribute of `SCENE_ATTRIBUTES` from its embedding, and saves it to `output_file`
+    as a flat `.pth` state dict in Meta's key layout. Returns a summary (held-out attribute accuracies of the
+    pre-training heads, which are not saved, time)."""
+    from mm_llama.testing_utils import tiny_imagebind
 
     started = time.monotonic()
-    torch.manual_seed(seed)
     # initializer_range 1/sqrt(width) instead of the default 0.02 (tuned for huge's width 1280): at 0.02 a 64-wide
     # ViT starts with almost no signal from the patches into the class token and learns shapes far more slowly.
-    overrides = {"initializer_range": 0.125, **(config_overrides or {})}
-    config = ImageBindVisionConfig.from_preset("tiny", image_size=image_size, **overrides)
-    model = ImageBindVisionModel(config)
+    model = tiny_imagebind(image_size, seed, **{"initializer_range": 0.125, **(config_overrides or {})})
     with torch.no_grad():
-        grid = config.image_size // config.patch_size
-        model.embeddings.position_embedding.copy_(sincos_position_embedding(grid, config.hidden_size))
-    model = model.to(device)
-    heads = nn.ModuleDict({name: nn.Linear(model.config.projection_dim, len(classes))
-                           for name, classes in SCENE_ATTRIBUTES.items()}).to(device)
-    def batch_of(examples: list[tuple[torch.Tensor, list[int]]]) -> tuple[torch.Tensor, torch.Tensor]:
-        return torch.stack([p for p, _ in examples]), torch.tensor([lab for _, lab in examples])
-
+        grid = model.config.image_size // model.config.patch_size
+        model.embeddings.position_embedding.copy_(sincos_position_embedding(grid, model.config.hidden_size))
+    reader = AttributeReader(model.to(device)).to(device)
     # A pool of `training_examples` scenes drawn once, batches sampled from it: drawing a scene with its codec round
     # trip costs ~2.5 ms, more than the model's step per example (measured at 84 px: 2.4 ms vs 0.55 ms), so fresh
     # scenes for every batch would make drawing most of the time. The held-out scenes come from another stream.
     pool = list(_stand_in_examples(training_examples, seed, image_size))
-    held_out_pixels, held_out_labels = batch_of(list(_stand_in_examples(held_out_examples, seed + 10_000, image_size)))
-    rng = random.Random(seed)
-    params = list(model.parameters()) + list(heads.parameters())
-    optimizer = torch.optim.AdamW(params, lr=learning_rate, weight_decay=0.01)
+    held_out = _stack(list(_stand_in_examples(held_out_examples, seed + 10_000, image_size)))
+    optimizer = torch.optim.AdamW(reader.parameters(), lr=learning_rate, weight_decay=0.01)
     scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=learning_rate, total_steps=steps, pct_start=0.1)
-
-    def logits_of(batch: torch.Tensor) -> dict[str, torch.Tensor]:
-        # The heads read the L2-normalised embedding (scaled up: unit vectors give tiny logits), which is what the
-        # MM-LLaMA projector will read.
-        embeds = model(batch.to(device, torch.float32), return_dict=True).embeds * 20.0
-        return {name: head(embeds) for name, head in heads.items()}
-
-    model.train()
-    for step in range(steps):
-        pixels, target = batch_of([pool[rng.randrange(len(pool))] for _ in range(batch_size)])
-        out, target = logits_of(pixels), target.to(device)
-        loss = sum(nn.functional.cross_entropy(out[name], target[:, k], ignore_index=-1)
-                   for k, name in enumerate(SCENE_ATTRIBUTES) if (target[:, k] >= 0).any())
-        loss.backward()
-        optimizer.step(), scheduler.step(), optimizer.zero_grad(set_to_none=True)
-        if on_step is not None:
-            on_step(step + 1, steps, {"loss": loss.item()})
-
-    model.eval()
-    accuracy = {}
-    with torch.no_grad():
-        out, target = logits_of(held_out_pixels), held_out_labels.to(device)
-        for k, name in enumerate(SCENE_ATTRIBUTES):
-            mask = target[:, k] >= 0
-            if mask.any():
-                accuracy[name] = (out[name][mask].argmax(-1) == target[mask, k]).float().mean().item()
+    train_steps(reader, pool, RandomBatches(len(pool), batch_size, steps, random.Random(seed)), _stack, optimizer,
+                scheduler, steps, max_grad_norm=0.0, seed=seed, device=device, on_step=on_step)
+    reader.eval()
+    accuracy = reader.accuracy(held_out["pixel_values"], held_out["targets"])
     output_file = Path(output_file)
     output_file.parent.mkdir(parents=True, exist_ok=True)
     torch.save(imagebind_to_meta_state_dict(model.cpu()), output_file)
     return {"held_out_attribute_accuracy": accuracy, "parameters": sum(p.numel() for p in model.parameters()),
             "image_size": image_size, "training_examples": training_examples, "held_out_examples": held_out_examples,
-            "steps": steps,
-            "seconds": time.monotonic() - started, "path": str(output_file)}
+            "steps": steps, "seconds": time.monotonic() - started, "path": str(output_file)}
 
 
-__all__ = [
-    "IMAGEBIND_IMAGE_SIZE", "SceneCodes", "TinyLlamaSpec", "code_reading_accuracy", "codec_noise",
-    "h264_round_trip", "hf_llama_to_meta_state_dict", "imagebind_to_meta_state_dict", "pretrain_tiny_imagebind",
-    "pretrain_tiny_llama", "train_tokenizer",
-]
+__all__ = ["IMAGEBIND_IMAGE_SIZE", "AttributeReader", "RandomBatches", "codec_noise", "h264_round_trip", "imagebind_to_meta_state_dict",
+           "pretrain_tiny_imagebind", "sincos_position_embedding"]

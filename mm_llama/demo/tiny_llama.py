@@ -1,13 +1,10 @@
-"""The tiny stand-in for LLaMA-2-chat, and the tokenizer, each written in the real checkpoint's on-disk format so
-that the real loading code runs on them:
+"""The tiny stand-in for LLaMA-2-chat, written in Meta's checkpoint format so that the real converter runs on it.
 
-- `train_tokenizer`: a sentencepiece BPE `tokenizer.model` with LLaMA's settings (the one tokenizer trainer of the
-  project: the demo, the tests and the training benchmark use it).
-- `pretrain_tiny_llama`: a 0.17M-parameter LLaMA pre-trained on the corpus text (it stands in for LLaMA-2-chat,
-  which already knows language and how to answer questions), saved as Meta's `consolidated.00.pth` +
-  `params.json` + `tokenizer.model`; the demo converts it with the real converter. Its pre-training includes chats
-  whose media placeholders hold a "scene code" (`SceneCodes`), so that it can read content from a vector at the
-  placeholder, as a 7B model can and a tiny one cannot unaided: that is what lets stage 1 (LLM frozen) work.
+`pretrain_tiny_llama`: a 0.17M-parameter LLaMA pre-trained with the HF Trainer on the corpus text (it stands in for
+LLaMA-2-chat, which already knows language and how to answer questions), saved as Meta's `consolidated.00.pth` +
+`params.json` + `tokenizer.model` (the tokenizer: `mm_llama.testing_utils.train_tokenizer`). Its pre-training
+includes chats whose media placeholders hold a "scene code" (`SceneCodes`), so that it can read content from a vector
+at the placeholder, as a 7B model can and a tiny one cannot unaided: that is what lets stage 1 (LLM frozen) work.
 
 The stand-in LLaMA never sees pixels or ImageBind embeddings (`tiny_imagebind` never sees its codes): mapping one onto
 the other is what stages 1 and 2 learn.
@@ -15,60 +12,21 @@ the other is what stages 1 and 2 learn.
 
 from __future__ import annotations
 
-import io
 import json
 import math
-import os
 import random
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable, Iterable, Iterator
+from typing import Callable, Iterator
 
 import torch
 from torch import nn
+from torch.utils.data import Sampler
 
-from .scenes import (
-    SCENE_ATTRIBUTES,
-)
-
-ProgressFn = Callable[[int, int, dict], None]  # (step, total, metrics) -> None
-
-
-# ================================================================================================ tokenizer
-def train_tokenizer(text: str | os.PathLike | Iterable[str], output_dir: str | os.PathLike,
-                    vocab_size: int = 512) -> Path:
-    """Trains a BPE sentencepiece model with Meta's LLaMA settings; writes `output_dir/tokenizer.model`, returns it.
-
-    `text` is a text file (one sentence per line) or an iterable of lines. LLaMA's settings: BPE, byte fallback
-    (256 byte pieces, so any text encodes), digits split, unk=0 "<unk>", bos=1 "<s>", eos=2 "</s>", no pad,
-    identity normalisation, whitespace kept, dummy prefix. Deterministic for the same lines and vocabulary size.
-    """
-    import sentencepiece as spm
-
-    if isinstance(text, (str, os.PathLike)):
-        path = Path(text)
-        if not path.is_file():
-            raise FileNotFoundError(f"{path}: no such text file to train the tokenizer on.")
-        with path.open(encoding="utf-8") as f:
-            lines = [line.rstrip("\n") for line in f]
-    else:
-        lines = list(text)
-    lines = [line for line in lines if line.strip()]
-    if not lines:
-        raise ValueError("The tokenizer's training text is empty; give at least one non-blank line.")
-    output_dir = Path(output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
-    model = io.BytesIO()
-    spm.SentencePieceTrainer.train(
-        sentence_iterator=iter(lines), model_writer=model, model_type="bpe", vocab_size=vocab_size,
-        byte_fallback=True, split_digits=True, unk_id=0, bos_id=1, eos_id=2, pad_id=-1,
-        normalization_rule_name="identity", remove_extra_whitespaces=False, add_dummy_prefix=True,
-        character_coverage=1.0, max_sentence_length=8192, minloglevel=2,
-    )
-    path = output_dir / "tokenizer.model"
-    path.write_bytes(model.getvalue())
-    return path
+from ..testing_utils import train_tokenizer  # noqa: F401  (the demo's tokenizer trainer, re-exported)
+from .scenes import SCENE_ATTRIBUTES
+from .trainer import ProgressFn, train_steps
 
 
 # ================================================================================================ tiny LLaMA
@@ -176,7 +134,7 @@ def _encode_pretraining_item(item: dict, processor, codes: SceneCodes, prompt_lo
 
 
 def _batch(examples: list[Encoded], pad_id: int,
-           device: torch.device | str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[list[int]]]:
+           device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[list[int]]]:
     """(input_ids, attention_mask, labels `[batch, seq]`, scenes in placeholder order) of encoded examples,
     right-padded."""
     length = max(len(ids) for ids, _, _ in examples)
@@ -187,18 +145,26 @@ def _batch(examples: list[Encoded], pad_id: int,
     return input_ids, attention_mask, labels, [scene for _, _, scenes in examples for scene in scenes]
 
 
-def _length_grouped_batches(examples: list[Encoded], batch_size: int,
-                            rng: random.Random) -> Iterator[list[Encoded]]:
-    """Endless batches of examples of similar length, in random order, every example once per pass.
+class LengthGroupedBatches(Sampler[list[int]]):
+    """Batches of example indices of similar length, in random order: every example once per pass, a new order
+    (drawn from `rng`) each pass.
 
     Why: chats run from 10 to 100+ tokens; random batches padded to their longest member spent half of each step
-    on padding (measured: mean 46 tokens, batches padded to ~100)."""
-    while True:
-        order = sorted(range(len(examples)), key=lambda i: (len(examples[i][0]), rng.random()))
-        chunks = [order[start:start + batch_size] for start in range(0, len(order), batch_size)]
-        rng.shuffle(chunks)
-        for chunk in chunks:
-            yield [examples[i] for i in chunk]
+    on padding (measured: mean 46 tokens, batches padded to ~100). Why not transformers' `LengthGroupedSampler`: its
+    mega-batches give another batch order, hence another stand-in LLaMA than the one the demo's results were
+    measured with."""
+
+    def __init__(self, lengths: list[int], batch_size: int, rng: random.Random):
+        self.lengths, self.batch_size, self.rng = lengths, batch_size, rng
+
+    def __len__(self) -> int:
+        return math.ceil(len(self.lengths) / self.batch_size)
+
+    def __iter__(self) -> Iterator[list[int]]:
+        order = sorted(range(len(self.lengths)), key=lambda i: (self.lengths[i], self.rng.random()))
+        chunks = [order[start:start + self.batch_size] for start in range(0, len(order), self.batch_size)]
+        self.rng.shuffle(chunks)
+        yield from chunks
 
 
 @torch.no_grad()
@@ -247,6 +213,74 @@ def _embed_with_scene_codes(model, codes: SceneCodes, input_ids: torch.Tensor, s
     return inputs_embeds.masked_scatter(mask.unsqueeze(-1), vectors.to(inputs_embeds.dtype))
 
 
+# ================================================================================================ pre-training
+class SceneCodeReader(nn.Module):
+    """What pre-training trains: the LLaMA and the code table, with the (noisy) codes at the media placeholders.
+    `forward` takes `_batch`'s fields by name and returns the causal-LM loss, the shape the HF Trainer steps on."""
+
+    def __init__(self, llama, codes: SceneCodes, media_token_id: int, code_noise: float, seed: int):
+        super().__init__()
+        self.llama, self.codes = llama, codes  # parameter order: the LLaMA's, then the table's
+        self.media_token_id, self.code_noise = media_token_id, code_noise
+        self.generator = torch.Generator().manual_seed(seed)  # the noise's own stream, independent of the Trainer's
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor,
+                scenes: list[list[int]]) -> dict[str, torch.Tensor]:
+        inputs_embeds = _embed_with_scene_codes(self.llama, self.codes, input_ids, scenes, self.media_token_id,
+                                                noise=self.code_noise, generator=self.generator)
+        return {"loss": self.llama(inputs_embeds=inputs_embeds, attention_mask=attention_mask, labels=labels).loss}
+
+
+def warmup_cosine(steps: int) -> Callable[[int], float]:
+    """Learning-rate factor at step s: a linear warmup over the first 5% of `steps` (from 1/warmup, not 0) times a
+    cosine decay over all `steps`. Why not transformers' "cosine" schedule: it starts at 0 and decays only after
+    the warmup, another schedule than the one the stand-in's reading of codes was measured with."""
+    warmup = max(1, steps // 20)
+    return lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps))
+
+
+def _train(reader: SceneCodeReader, examples: list[Encoded], pad_id: int, steps: int, batch_size: int,
+           learning_rate: float, code_learning_rate_factor: float, seed: int, device: str,
+           on_step: ProgressFn | None) -> float:
+    """Trains `reader` for `steps` steps with the HF Trainer (AdamW, `warmup_cosine`, gradients clipped at 1,
+    `LengthGroupedBatches`); returns the last step's loss."""
+    # The code table learns 10x faster than the model (measured: reading emerged earlier and more reliably).
+    optimizer = torch.optim.AdamW([{"params": list(reader.llama.parameters())},
+                                   {"params": list(reader.codes.parameters()),
+                                    "lr": learning_rate * code_learning_rate_factor}],
+                                  lr=learning_rate, weight_decay=0.01, betas=(0.9, 0.95))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(steps))
+    batches = LengthGroupedBatches([len(ids) for ids, _, _ in examples], batch_size, random.Random(seed))
+    fields = ("input_ids", "attention_mask", "labels", "scenes")
+    return train_steps(reader, examples, batches, lambda chunk: dict(zip(fields, _batch(chunk, pad_id))), optimizer,
+                       scheduler, steps, max_grad_norm=1.0, seed=seed, device=device, on_step=on_step)
+
+
+def _read_examples(pretrain_jsonl: str | Path, processor, codes: SceneCodes,
+                   held_out: int) -> tuple[list[Encoded], list[Encoded]]:
+    """(training examples, held-out scene-code chats encoded with answer-only labels) of a pre-training JSONL: the
+    last `held_out` scene-code chats are held out to measure how well the model reads codes."""
+    with open(pretrain_jsonl, encoding="utf-8") as f:
+        items = [json.loads(line) for line in f if line.strip()]
+    if not items:
+        raise ValueError(f"{pretrain_jsonl} holds no pre-training items.")
+    with_media = [i for i, item in enumerate(items) if item.get("media")]
+    held_out_ids = set(with_media[-held_out:]) if held_out and len(with_media) > 2 * held_out else set()
+    examples = [_encode_pretraining_item(item, processor, codes) for i, item in enumerate(items)
+                if i not in held_out_ids]
+    held_out_examples = [_encode_pretraining_item(items[i], processor, codes, prompt_loss_weight=0.0)
+                         for i in sorted(held_out_ids)]
+    return examples, held_out_examples
+
+
+def _save_meta_checkpoint(model, spec: TinyLlamaSpec, params, tokenizer_model: str | Path, output_dir: Path) -> None:
+    """`consolidated.00.pth`, `params.json` and `tokenizer.model` of `model` (`params`: the converter's
+    `MetaLlamaParams` of `spec`), as Meta ships LLaMA-2."""
+    torch.save(hf_llama_to_meta_state_dict(model, params.n_heads, params.n_kv_heads), output_dir / "consolidated.00.pth")
+    (output_dir / "params.json").write_text(json.dumps(spec.params_json(), indent=2) + "\n")
+    (output_dir / "tokenizer.model").write_bytes(Path(tokenizer_model).read_bytes())
+
+
 def pretrain_tiny_llama(
     pretrain_jsonl: str | Path,
     tokenizer_model: str | Path,
@@ -264,10 +298,10 @@ def pretrain_tiny_llama(
     device: str = "cpu",
     on_step: ProgressFn | None = None,
 ) -> dict:
-    """Pre-trains a tiny LLaMA on the corpus text (scene-code chats included, see `SceneCodes`) and writes it in
-    Meta's format to `output_dir` (`consolidated.00.pth`, `params.json`, `tokenizer.model`). Returns a summary
-    (final loss, parameters, time, and the answer-token accuracy of held-out scene-code chats with their own codes
-    and with other chats' codes: the gap is what the model reads from the code).
+    """Pre-trains a tiny LLaMA on the corpus text (scene-code chats included, see `SceneCodes`) with the HF Trainer
+    and writes it in Meta's format to `output_dir` (`consolidated.00.pth`, `params.json`, `tokenizer.model`).
+    Returns a summary (final loss, parameters, time, and the answer-token accuracy of held-out scene-code chats
+    with their own codes and with other chats' codes: the gap is what the model reads from the code).
 
     What made the model read codes within the demo's budget (measured on held-out chats, answer words only): with
     LLaMA's 0.02 init, a 128-wide 4-layer model and 32-chat batches it read background and size after ~500 steps
@@ -277,7 +311,8 @@ def pretrain_tiny_llama(
     10x faster than the model, and batches of chats of similar length (half of each step was padding before). The
     model's reading of codes decides whether stage 1 works: with 1000 steps some seeds read only 96-97% of held-out
     answer tokens and their stage 1 reached 23-57% on image colour; with 1600 steps the six seeds tried read >= 98%
-    and stage 1 reached 60-100% (smoke data) and 95-100% (full data). `code_noise` makes it read codes approximately, as stage 1's projector produces them.
+    and stage 1 reached 60-100% (smoke data) and 95-100% (full data). `code_noise` makes it read codes
+    approximately, as stage 1's projector produces them.
 
     The model is built from the params.json fields with the converter's own `llama_config_from_params`, so that the
     Meta checkpoint written here converts back to exactly the trained model.
@@ -303,60 +338,23 @@ def pretrain_tiny_llama(
     torch.manual_seed(seed)
     model = LlamaForCausalLM(config).to(device)
     codes = SceneCodes(config.hidden_size, init_std=config.initializer_range).to(device)
-    with open(pretrain_jsonl, encoding="utf-8") as f:
-        items = [json.loads(line) for line in f if line.strip()]
-    if not items:
-        raise ValueError(f"{pretrain_jsonl} holds no pre-training items.")
-    # The last scene-code chats are held out to measure how well the model reads codes (answer tokens only).
-    with_media = [i for i, item in enumerate(items) if item.get("media")]
-    held_out_ids = set(with_media[-held_out:]) if held_out and len(with_media) > 2 * held_out else set()
-    examples = [_encode_pretraining_item(item, processor, codes) for i, item in enumerate(items)
-                if i not in held_out_ids]
-    held_out_examples = [_encode_pretraining_item(items[i], processor, codes, prompt_loss_weight=0.0)
-                         for i in sorted(held_out_ids)]
-
-    parameters = list(model.parameters()) + list(codes.parameters())
-    # The code table learns 10x faster than the model (measured: reading emerged earlier and more reliably).
-    optimizer = torch.optim.AdamW([{"params": list(model.parameters())},
-                                   {"params": list(codes.parameters()), "lr": learning_rate * code_learning_rate_factor}],
-                                  lr=learning_rate, weight_decay=0.01, betas=(0.9, 0.95))
-    warmup = max(1, steps // 20)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps)))
-    rng = random.Random(seed)
-    generator = torch.Generator().manual_seed(seed)
+    examples, held_out_examples = _read_examples(pretrain_jsonl, processor, codes, held_out)
     pad_id = tokenizer.eos_token_id
-    batches = _length_grouped_batches(examples, batch_size, rng)
-    model.train()
-    loss_value = float("nan")
-    for step in range(steps):
-        input_ids, attention_mask, labels, scenes = _batch(next(batches), pad_id, device)
-        inputs_embeds = _embed_with_scene_codes(model, codes, input_ids, scenes, processor.media_token_id,
-                                                noise=code_noise, generator=generator)
-        loss = model(inputs_embeds=inputs_embeds, attention_mask=attention_mask, labels=labels).loss
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(parameters, 1.0)
-        optimizer.step(), scheduler.step(), optimizer.zero_grad(set_to_none=True)
-        loss_value = loss.item()
-        if on_step is not None:
-            on_step(step + 1, steps, {"loss": loss_value})
+    reader = SceneCodeReader(model, codes, processor.media_token_id, code_noise, seed)
+    final_loss = _train(reader, examples, pad_id, steps, batch_size, learning_rate, code_learning_rate_factor, seed,
+                        device, on_step)
     reading = (code_reading_accuracy(model, codes, held_out_examples, processor.media_token_id, pad_id)
                if held_out_examples else {})
 
     model = model.cpu().eval()
     if codes_file is not None:  # for diagnostics only (e.g. how close stage 1's projector gets to the codes)
         torch.save({"table": codes.table.weight.detach().cpu(), "attributes": SCENE_ATTRIBUTES}, codes_file)
-    torch.save(hf_llama_to_meta_state_dict(model, params.n_heads, params.n_kv_heads), output_dir / "consolidated.00.pth")
-    (output_dir / "params.json").write_text(json.dumps(spec.params_json(), indent=2) + "\n")
-    (output_dir / "tokenizer.model").write_bytes(Path(tokenizer_model).read_bytes())
-    return {
-        "final_loss": loss_value,
-        "parameters": sum(p.numel() for p in model.parameters()),
-        "vocab_size": tokenizer.vocab_size,
-        "examples": len(examples),
-        "steps": steps,
-        "seconds": time.monotonic() - started,
-        "path": str(output_dir),
-        "held_out_code_chats": len(held_out_examples),
-        **reading,
-    }
+    _save_meta_checkpoint(model, spec, params, tokenizer_model, output_dir)
+    return {"final_loss": final_loss, "parameters": sum(p.numel() for p in model.parameters()),
+            "vocab_size": tokenizer.vocab_size, "examples": len(examples), "steps": steps,
+            "seconds": time.monotonic() - started, "path": str(output_dir),
+            "held_out_code_chats": len(held_out_examples), **reading}
+
+
+__all__ = ["LengthGroupedBatches", "SceneCodeReader", "SceneCodes", "TinyLlamaSpec", "code_reading_accuracy",
+           "hf_llama_to_meta_state_dict", "pretrain_tiny_llama", "train_tokenizer", "warmup_cosine"]

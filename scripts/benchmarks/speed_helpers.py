@@ -133,17 +133,14 @@ def tiny_stage2_model(vocab_size: int = 32000, hidden_size: int = 256, num_layer
     """A random-init MM-LLaMA with LoRA (r `lora_r` on q/v, projector trained in full) as stage 2 sets it up, in
     float32 on CPU / bfloat16 on CUDA."""
     from peft import get_peft_model
-    from transformers import LlamaConfig
 
-    from mm_llama import MMLlamaConfig, MMLlamaForCausalLM
     from mm_llama.loading import lora_config
+    from mm_llama.testing_utils import tiny_llama_config, tiny_mm_llama
     from mm_llama.training.setup import upcast_trainable
 
-    torch.manual_seed(seed)
-    text = LlamaConfig(vocab_size=vocab_size, hidden_size=hidden_size, intermediate_size=2 * hidden_size,
-                       num_hidden_layers=num_layers, num_attention_heads=4, num_key_value_heads=4,
-                       max_position_embeddings=4096, bos_token_id=1, eos_token_id=2, use_cache=False)
-    model = MMLlamaForCausalLM(MMLlamaConfig(text_config=text, media_embed_dim=media_dim))
+    text = tiny_llama_config(vocab_size=vocab_size, hidden_size=hidden_size, num_layers=num_layers,
+                             max_position_embeddings=4096, use_cache=False)
+    model = tiny_mm_llama(seed, media_dim, text_config=text)
     if torch.cuda.is_available():
         model = model.to("cuda", torch.bfloat16)
     model = get_peft_model(model, lora_config(model, r=lora_r, dropout=0.0))

@@ -4,12 +4,10 @@ measurements are in speed_helpers.py). Benchmark code, kept out of the library."
 from __future__ import annotations
 
 import random
-import shutil
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 
 _WORDS = ("the a red blue green yellow circle square triangle moves left right over under quickly slowly image video "
           "shows describe what which colour shape many how there is are small large bright dark person dog cat car "
@@ -22,23 +20,19 @@ def synthetic_setup(folder: Path, num_rows: int = 256, media_dim: int = 1024, hi
     of synthetic conversations of widely varying length (1-4 turns, 3-60 words each). Returns (llama, dataset)."""
 
     from datasets import Dataset, DatasetDict
-    from transformers import LlamaConfig, LlamaForCausalLM
 
     from mm_llama.data import dataset_features
-    from mm_llama.demo.tiny_llama import train_tokenizer
+    from mm_llama.testing_utils import save_llama_folder, tiny_llama, train_tokenizer
 
     rng = random.Random(seed)
     sentence = lambda n: " ".join(rng.choice(_WORDS) for _ in range(n)).capitalize() + "."  # noqa: E731
     folder.mkdir(parents=True, exist_ok=True)
     tokenizer_model = train_tokenizer([sentence(rng.randint(5, 30)) for _ in range(2000)]
                                       + ["[INST] <<IMG>> <</IMG>> <<VID>> <</VID>> [/INST]"], folder / "tokenizer")
-    llama_dir = folder / "llama"
     heads = max(4, hidden_size // 128)  # LLaMA's head width (128) once the model is wide enough
-    torch.manual_seed(seed)
-    LlamaForCausalLM(LlamaConfig(vocab_size=512, hidden_size=hidden_size, intermediate_size=2 * hidden_size,
-                                 num_hidden_layers=num_layers, num_attention_heads=heads, num_key_value_heads=heads,
-                                 max_position_embeddings=2048, bos_token_id=1, eos_token_id=2)).save_pretrained(llama_dir)
-    shutil.copyfile(tokenizer_model, llama_dir / "tokenizer.model")
+    llama = tiny_llama(seed, vocab_size=512, hidden_size=hidden_size, num_layers=num_layers, num_heads=heads,
+                       max_position_embeddings=2048)
+    llama_dir = save_llama_folder(llama, tokenizer_model, folder / "llama")
 
     rows = []
     for index in range(num_rows):

@@ -1,24 +1,18 @@
-"""README.md's examples run as written: the Python example on tiny models (paths swapped), and the test command is
-the one CI runs."""
+"""The docs' examples run as written: docs/chat.md's Python example on tiny models, in this process (paths swapped;
+tests/test_user_journey.py runs it unchanged in a new interpreter), and README's test command is the one CI runs."""
 
 from __future__ import annotations
 
 import re
-from pathlib import Path
 
 import numpy as np
 import PIL.Image
 import torch
 
+from doc_commands import REPO, python_blocks
 from test_merge import save_stage1
 
-REPO = Path(__file__).resolve().parents[1]
 README = (REPO / "README.md").read_text(encoding="utf-8")
-
-
-def python_block_after(heading: str) -> str:
-    section = README[README.index(heading):]
-    return re.search(r"```python\n(.*?)```", section, re.S).group(1)
 
 
 def test_python_example_runs_on_cpu_with_its_imagebind_embedding(tmp_path, spm_model_path, capsys):
@@ -32,14 +26,14 @@ def test_python_example_runs_on_cpu_with_its_imagebind_embedding(tmp_path, spm_m
     image = tmp_path / "cat.jpg"
     PIL.Image.fromarray(np.random.default_rng(0).integers(0, 256, (40, 48, 3), dtype=np.uint8)).save(image)
 
-    code = python_block_after("### From Python")
+    code = python_blocks(REPO / "docs" / "chat.md", "From Python")[0]
     for placeholder, path in (("outputs/mm-llama-7b", model_dir), ("checkpoints/imagebind_huge/vision", vision),
                               ("cat.jpg", image)):
         assert placeholder in code
         code = code.replace(f'"{placeholder}"', repr(str(path)))
     code = code.replace("max_new_tokens=128", "max_new_tokens=8")
     namespace: dict = {}
-    exec(compile(code, "README.md", "exec"), namespace)
+    exec(compile(code, "docs/chat.md", "exec"), namespace)
     printed = capsys.readouterr().out.strip()
     assert namespace["device"] == ("cuda" if torch.cuda.is_available() else "cpu")
     assert namespace["embedding"].shape == (1, 1024)

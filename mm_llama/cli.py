@@ -21,16 +21,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
 
-DTYPE_CHOICES = ("float32", "bfloat16", "float16")
+from .cli_shared import DTYPE_CHOICES, CommandError, check_port_available, load_for_inference, model_arguments
+
 SOURCE_KINDS = ("llava", "videochat", "records")  # mm_llama.data.sources.SOURCE_KINDS (a test keeps them equal)
-
-
-class CommandError(Exception):
-    """A failure the user can fix; `main` prints its message on one line and exits with `status`."""
-
-    def __init__(self, message: str, status: int = 1):
-        super().__init__(message)
-        self.status = status
 
 
 @dataclass(frozen=True)
@@ -177,50 +170,6 @@ def _run_build_datasets(args: argparse.Namespace) -> int:
 # ---------------------------------------------------------------------------------------------------- inference
 
 
-def _model_arguments(parser: argparse.ArgumentParser) -> None:
-    """Arguments of every command that loads a trained model for inference."""
-    parser.add_argument("model", help="MM-LLaMA model folder: merged, stage-1, or stage-2 adapter")
-    parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:N, or auto (GPU when present)")
-    parser.add_argument("--dtype", choices=DTYPE_CHOICES, default=None, help="default: float32 on CPU, bfloat16 on GPU")
-    parser.add_argument("--load_in_4bit", action="store_true", help="quantise the language model to 4 bit (nf4)")
-    parser.add_argument("--imagebind", help="converted ImageBind folder (mm-llama convert-imagebind): embeds raw "
-                                            "images/videos for a model without a vision tower, and raw audio when "
-                                            "converted with --modality all")
-    parser.add_argument("--base_model", help="stage-1 folder for a stage-2 adapter MODEL, if not the recorded one")
-    decoding = parser.add_argument_group("decoding speed (same answers; see docs/generation.md)")
-    decoding.add_argument("--compile", action="store_true",
-                          help="static KV cache + torch.compile'd decoding step (CUDA graphs on a GPU); the first "
-                               "answer of each batch size waits for the compilation (ignored with --load_in_4bit)")
-    decoding.add_argument("--prompt_lookup_num_tokens", type=int, default=None, metavar="N",
-                          help="prompt-lookup decoding: verify up to N tokens copied from the prompt per step; pays "
-                               "for long answers that quote the prompt (one conversation at a time)")
-
-
-def _load_for_inference(args: argparse.Namespace, with_media: bool = True, cache_size: int | None = None):
-    """(model, processor, embedder) for a command's `_model_arguments`; the model decodes with their --compile /
-    --prompt_lookup_num_tokens (`generation.set_decoding_options`)."""
-    from .generation import DecodingOptions, MediaEmbedder, set_decoding_options
-    from .loading import load_model
-
-    lookup = getattr(args, "prompt_lookup_num_tokens", None)
-    if lookup is not None and lookup < 1:  # before minutes of model loading
-        raise CommandError(f"--prompt_lookup_num_tokens must be >= 1, got {lookup}", 2)
-    model, processor = load_model(args.model, device=args.device, dtype=args.dtype,
-                                  load_in_4bit=args.load_in_4bit, base_model=args.base_model)
-    options = set_decoding_options(model, DecodingOptions(compile=getattr(args, "compile", False),
-                                                          prompt_lookup_num_tokens=lookup))
-    if options.compile:  # say when an answer waits for a compilation (once per batch size and cache length)
-        generation_logger = logging.getLogger("mm_llama.generation")
-        generation_logger.setLevel(logging.INFO)
-        if not logging.getLogger().handlers and not generation_logger.handlers:
-            handler = logging.StreamHandler(sys.stderr)
-            handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
-            generation_logger.addHandler(handler)
-    embedder = MediaEmbedder.for_model(model, processor, imagebind=args.imagebind, device=args.device,
-                                       dtype=args.dtype, cache_size=cache_size) if with_media else None
-    return model, processor, embedder
-
-
 def _chat_parser(parser: argparse.ArgumentParser) -> None:
     parser.epilog = (
         "Interactive (stdin; /image PATH, /video PATH, /audio PATH, /reset, /quit; history kept across turns):\n"
@@ -232,7 +181,7 @@ def _chat_parser(parser: argparse.ArgumentParser) -> None:
         "[1024] vector). Raw audio needs an --imagebind folder converted with --modality all (zero-shot: the\n"
         "projector was trained on images and videos). --temperature 0 decodes greedily."
     )
-    _model_arguments(parser)
+    model_arguments(parser)
     parser.add_argument("--system", default=None, help="system prompt")
     parser.add_argument("--temperature", type=float, default=0.6, help="sampling temperature; 0 = greedy")
     parser.add_argument("--top_p", type=float, default=0.9)
@@ -264,7 +213,7 @@ def _run_chat(args: argparse.Namespace) -> int:
         check_media_file(media_path, media_type.capitalize())
     if args.batch_file and not Path(args.batch_file).is_file():
         raise CommandError(f"Batch file {args.batch_file} does not exist.")
-    model, processor, embedder = _load_for_inference(args)
+    model, processor, embedder = load_for_inference(args)
     settings = GenerationSettings(args.max_new_tokens, args.temperature, args.top_p)
     if args.batch_file:
         out = open(args.output, "w", encoding="utf-8") if args.output else sys.stdout
@@ -298,7 +247,7 @@ def _web_parser(parser: argparse.ArgumentParser) -> None:
         "  mm-llama web outputs/mm-llama-7b --imagebind checkpoints/imagebind_huge   # open http://127.0.0.1:7860\n"
         "  mm-llama web outputs/mm-llama-7b --imagebind checkpoints/imagebind_huge --load_in_4bit --host 0.0.0.0"
     )
-    _model_arguments(parser)
+    model_arguments(parser)
     parser.add_argument("--host", default="127.0.0.1", help="address to serve on (0.0.0.0: every interface)")
     parser.add_argument("--port", type=int, default=7860)
     parser.add_argument("--share", action="store_true", help="also open a temporary public gradio.live link")
@@ -314,26 +263,6 @@ def _web_parser(parser: argparse.ArgumentParser) -> None:
                         help="media files per conversation (default 1, as the original MM-LLaMA's demo)")
 
 
-def check_port_available(host: str, port: int, flag: str = "--port") -> None:
-    """Raises CommandError naming `flag` when `host:port` cannot be bound (busy, or not an address of this machine),
-    so that a server fails before minutes of model loading rather than after."""
-    import socket
-
-    try:
-        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
-    except socket.gaierror as error:
-        raise CommandError(f"cannot serve on {host}:{port}: {error.strerror}; check --host", 2) from error
-    family, _, _, _, address = infos[0]
-    with socket.socket(family, socket.SOCK_STREAM) as probe:
-        # SO_REUSEADDR as servers set it: a port in TIME_WAIT from a server that just stopped counts as free.
-        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            probe.bind(address)
-        except OSError as error:
-            raise CommandError(f"cannot serve on {host}:{port} ({error.strerror}): another program uses that port; "
-                               f"pick a free one with {flag} PORT", 2) from error
-
-
 def _run_web(args: argparse.Namespace) -> int:
     import importlib.util
 
@@ -346,7 +275,7 @@ def _run_web(args: argparse.Namespace) -> int:
     from .web import WebChat, build_app, launch
 
     # A long-running server keeps the embeddings of the 4096 most recently used uploads, not of every upload.
-    model, processor, embedder = _load_for_inference(args, cache_size=4096)
+    model, processor, embedder = load_for_inference(args, cache_size=4096)
     chat = WebChat(model, processor, embedder, max_media=args.max_media)
     defaults = GenerationSettings(args.max_new_tokens, args.temperature, args.top_p)
     chat.settings(defaults.temperature, defaults.top_p, defaults.max_new_tokens)  # bad defaults fail here, not later
@@ -363,7 +292,7 @@ def _evaluate_parser(parser: argparse.ArgumentParser) -> None:
         "generation on questions about media (JSONL {\"media\", \"question\", \"answers\": [...]}):\n"
         "  mm-llama evaluate MODEL --qa_file qa.jsonl --imagebind checkpoints/imagebind_huge --output eval.json"
     )
-    _model_arguments(parser)
+    model_arguments(parser)
     parser.add_argument("--dataset", help="built dataset folder for loss / token accuracy")
     parser.add_argument("--split", default="validation")
     parser.add_argument("--train_on", choices=["all", "last"], default="all",
@@ -387,7 +316,7 @@ def _run_evaluate(args: argparse.Namespace) -> int:
     from . import evaluation
     from .generation import GenerationSettings
 
-    model, processor, embedder = _load_for_inference(args, with_media=bool(args.qa_file))
+    model, processor, embedder = load_for_inference(args, with_media=bool(args.qa_file))
     results: dict = {"model": str(args.model)}
     if args.dataset:
         results["loss_eval"] = evaluation.evaluate_loss(
@@ -667,11 +596,9 @@ def run_command(name: str, argv: Sequence[str]) -> int:
             return _run_train(argv)
         command = COMMANDS[name]
         args = _parser(name, command).parse_args(list(argv))  # --help and argument errors exit here, fast
-        from .imagebind.processing_imagebind import MediaLoadError
-
         try:
             return command.run(args)
-        except (FileNotFoundError, ValueError, MediaLoadError, OSError) as error:
+        except (FileNotFoundError, ValueError, OSError) as error:  # MediaLoadError is a ValueError
             raise CommandError(str(error)) from error
     except CommandError as error:
         print(f"error: {error}", file=sys.stderr)
@@ -697,4 +624,4 @@ def main(argv: Sequence[str] | None = None) -> int:
     return run_command(argv[0], argv[1:])
 
 
-__all__ = ["COMMANDS", "CommandError", "check_port_available", "main", "run_command"]
+__all__ = ["COMMANDS", "CommandError", "main", "run_command"]

@@ -179,18 +179,18 @@ def test_decoding_options_are_validated(setup):
 
 
 def test_cli_flags_set_the_models_decoding_options(tmp_path, spm_model_path):
-    from mm_llama.cli import CommandError, _load_for_inference, _model_arguments
+    from mm_llama.cli_shared import CommandError, load_for_inference, model_arguments
 
     folder = save_stage1(tmp_path / "stage1", spm_model_path)
     parser = argparse.ArgumentParser()
-    _model_arguments(parser)
+    model_arguments(parser)
     args = parser.parse_args([str(folder), "--device", "cpu", "--compile", "--prompt_lookup_num_tokens", "3"])
-    model, _, embedder = _load_for_inference(args, with_media=False)
+    model, _, embedder = load_for_inference(args, with_media=False)
     assert decoding_options(model) == DecodingOptions(compile=True, prompt_lookup_num_tokens=3) and embedder is None
-    model, _, _ = _load_for_inference(parser.parse_args([str(folder), "--device", "cpu"]))
+    model, _, _ = load_for_inference(parser.parse_args([str(folder), "--device", "cpu"]))
     assert decoding_options(model) == DecodingOptions()
     with pytest.raises(CommandError, match="--prompt_lookup_num_tokens must be >= 1"):
-        _load_for_inference(parser.parse_args([str(folder), "--prompt_lookup_num_tokens", "0"]))
+        load_for_inference(parser.parse_args([str(folder), "--prompt_lookup_num_tokens", "0"]))
 
 
 def test_4bit_model_decodes_eagerly_with_a_warning(tmp_path, spm_model_path, caplog):

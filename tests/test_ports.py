@@ -4,7 +4,8 @@ import socket
 
 import pytest
 
-from mm_llama.cli import CommandError, check_port_available, main
+from mm_llama.cli import main
+from mm_llama.cli_shared import CommandError, check_port_available
 
 
 @pytest.fixture

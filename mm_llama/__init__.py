@@ -86,10 +86,11 @@ class _RegisterWhenTransformersArrives(importlib.abc.MetaPathFinder):
         if fullname != "transformers" and not fullname.startswith(f"{__name__}."):
             return None
         for finder in sys.meta_path:
-            spec = finder.find_spec(fullname, path, target) if finder is not self and hasattr(finder, "find_spec") \
-                else None
-            if spec is not None:
-                break
+            # Skips every hook of this kind, including one left by an earlier import of a re-imported mm_llama.
+            if type(finder).__name__ != type(self).__name__ and hasattr(finder, "find_spec"):
+                spec = finder.find_spec(fullname, path, target)
+                if spec is not None:
+                    break
         else:
             return None
         if spec.loader is not None and hasattr(spec.loader, "exec_module"):
@@ -111,9 +112,12 @@ class _RegisterWhenTransformersArrives(importlib.abc.MetaPathFinder):
         return exec_then_register
 
 
+# One hook at a time: a re-imported mm_llama (tests drop it from sys.modules) replaces the hook of the earlier one.
+sys.meta_path[:] = [finder for finder in sys.meta_path
+                    if type(finder).__name__ != _RegisterWhenTransformersArrives.__name__]
 if "transformers" in sys.modules:
     register_auto_classes()
-elif not any(isinstance(finder, _RegisterWhenTransformersArrives) for finder in sys.meta_path):
+else:
     sys.meta_path.insert(0, _RegisterWhenTransformersArrives())
 
 __all__ = [*_PUBLIC_NAMES, "register_auto_classes", "__version__"]

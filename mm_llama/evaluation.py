@@ -47,7 +47,7 @@ def load_split(dataset: Any, split: str = "validation"):
         raise TypeError(f"Expected a datasets.Dataset or DatasetDict, got {type(dataset).__name__}.")
     missing = sorted(set(REQUIRED_COLUMNS) - set(dataset.column_names))
     if missing:
-        raise ValueError(f"The dataset lacks the built-dataset columns {missing} (see DESIGN.md data flow).")
+        raise ValueError(f"The dataset lacks the built-dataset columns {missing} (see docs/data.md).")
     return dataset
 
 

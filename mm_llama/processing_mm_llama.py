@@ -129,7 +129,7 @@ def normalize_conversation(conversation: dict | Sequence[dict], where: str = "co
     """Turns a conversation record or a list of HF chat messages into validated `Turn`s.
 
     Accepted inputs:
-      - a DESIGN.md record `{"messages": [...], "media": [{"type", "path"|...}, ...]}` where a user message carries
+      - a record (docs/data.md) `{"messages": [...], "media": [{"type", "path"|...}, ...]}` where a user message carries
         `"media_index": i` for the media item on that turn (records without any media_index attach media item i to
         the i-th user turn, the LLaVA convention);
       - a list of messages whose content is a string or HF content parts (`{"type": "image", ...}`).
@@ -142,7 +142,7 @@ def normalize_conversation(conversation: dict | Sequence[dict], where: str = "co
     record_media: list[dict] = []
     if isinstance(conversation, dict):
         if "messages" not in conversation:
-            raise ValueError(f"{where}: a record needs a 'messages' list (DESIGN.md record format).")
+            raise ValueError(f"{where}: a record needs a 'messages' list (the record format of docs/data.md).")
         messages = conversation["messages"]
         record_media = list(conversation.get("media") or [])
         where = f"{where} {conversation['id']!r}" if conversation.get("id") is not None else where

@@ -1,4 +1,4 @@
-"""Records + embedding shards -> one Arrow dataset (the DESIGN.md columns), then a train/validation split."""
+"""Records + embedding shards -> one Arrow dataset (the columns of docs/data.md), then a train/validation split."""
 
 from __future__ import annotations
 

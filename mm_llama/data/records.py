@@ -1,4 +1,4 @@
-"""Conversation records (the DESIGN.md contract), their validation, and the tally of skipped records.
+"""Conversation records (the format of docs/data.md), their validation, and the tally of skipped records.
 
 A record is a plain dict, the unit every reader yields and the builder consumes:
 

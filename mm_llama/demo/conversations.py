@@ -193,7 +193,7 @@ def two_media_pairs(first: ImageScene, second: ImageScene | VideoScene,
 
 
 def two_media_record(record_id: str, media: Sequence[dict], turns: Sequence[tuple[str, str, int | None]]) -> dict:
-    """A record in the project's own format (DESIGN.md) with two media items, for `build_datasets --source records`."""
+    """A record in the project's own record format (docs/data.md) with two media items, for `build_datasets --source records`."""
     messages = []
     for question, answer, media_index in turns:
         messages.append({"role": "user", "content": question, "media_index": media_index})
@@ -203,7 +203,7 @@ def two_media_record(record_id: str, media: Sequence[dict], turns: Sequence[tupl
 
 # ------------------------------------------------------------------------------------------------- pre-training text
 def text_conversation(pairs: Sequence[tuple[str, str]]) -> dict:
-    """A text-only conversation record (DESIGN.md format, no media)."""
+    """A text-only conversation record (docs/data.md format, no media)."""
     messages = []
     for question, answer in pairs:
         messages += [{"role": "user", "content": question}, {"role": "assistant", "content": answer}]

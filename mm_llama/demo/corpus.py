@@ -14,7 +14,7 @@ Files written under the corpus folder (names mirror the real datasets that the r
                                           LLaVA-Instruct-150K format (stage 2: multi-turn questions about an image)
     videochat/videochat_instruct.json + videochat/videos/<folder>/<name>.mp4
                                           VideoChat-11K format (stage 2: questions about a clip)
-    two_media/two_media.jsonl             the project's own record format (DESIGN.md; stage 2): chats with an image on
+    two_media/two_media.jsonl             the project's own record format (docs/data.md; stage 2): chats with an image on
                                           the first user turn and another image or a clip on a later one, so the
                                           model knows that format (media paths relative to the corpus root)
     eval/eval.jsonl + eval/images/ + eval/videos/

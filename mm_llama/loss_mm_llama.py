@@ -7,8 +7,9 @@ For the next-token targets that carry a label (the model shifts labels so that p
     the prompt loss weight: the original MM-LLaMA's definition (its logs count completion tokens only), so that
     figures compare with its published 50.7% / 68.0%.
 
-The model, the Trainer's logs, `Trainer.evaluate` and `mm-llama evaluate` all use `token_loss_stats`; the counts are
-summed over batches, accumulation steps and processes before dividing.
+The model (`causal_lm_loss`), the Trainer's logs, `Trainer.evaluate` and `mm-llama evaluate` all use these sums; the
+counts are summed over batches, accumulation steps and processes before dividing. Which implementation runs is the
+caller's choice (`LossBackend`, built by `MMLlamaTrainer.compute_loss`), carried out inside the model's forward.
 
 Three implementations give the same sums and gradients (`token_loss_stats(..., chunk_size=...)`):
   - "full" (chunk_size None): the LM head over every trained position at once, then cross-entropy; returns the
@@ -22,7 +23,8 @@ Three implementations give the same sums and gradients (`token_loss_stats(..., c
   - "liger": on CUDA, Liger-Kernel's fused linear cross-entropy (Triton) when it is installed and the LM head is a
     plain `nn.Linear`; otherwise "chunked" is used and the reason logged once.
 
-Over 400 lines because the three implementations must give the same sums, so they sit side by side.
+Over 400 lines because the three implementations must give the same sums, so they sit side by side with the one
+function that selects and applies them.
 """
 
 from __future__ import annotations
@@ -88,15 +90,23 @@ def token_stats_from_logits(
         weight_sum = weights.sum()
     with torch.no_grad():
         correct = logits.argmax(dim=-1) == targets
-        if answer_mask is None:
-            answer_mask = torch.ones_like(targets, dtype=torch.bool)
-        return TokenLossStats(
-            weighted_loss_sum=weighted_sum,
-            weight_sum=weight_sum.detach(),
-            answer_loss_sum=token_losses.detach()[answer_mask].sum(),
-            answer_tokens=answer_mask.sum(),
-            answer_correct=(correct & answer_mask).sum(),
-        )
+    return _stats_from_tokens(weighted_sum, weight_sum, token_losses.detach(), correct, answer_mask)
+
+
+def _stats_from_tokens(
+    weighted_sum: torch.Tensor, weight_sum: torch.Tensor, ce: torch.Tensor, correct: torch.Tensor,
+    answer_mask: torch.Tensor | None,
+) -> TokenLossStats:
+    """The answer sums from per-target CE [num_trained] (no gradient) and argmax hits [num_trained] bool."""
+    if answer_mask is None:
+        answer_mask = torch.ones_like(correct)
+    return TokenLossStats(
+        weighted_loss_sum=weighted_sum,
+        weight_sum=weight_sum.detach(),
+        answer_loss_sum=ce[answer_mask].sum(),
+        answer_tokens=answer_mask.sum(),
+        answer_correct=(correct & answer_mask).sum(),
+    )
 
 
 def token_loss_stats(
@@ -132,6 +142,76 @@ def token_loss_stats(
     if implementation == "liger":
         return liger_token_loss_stats(hidden_states, lm_head, targets, weights, answer_mask), None
     return chunked_token_loss_stats(hidden_states, lm_head, targets, weights, answer_mask, chunk_size), None
+
+
+@dataclass(frozen=True)
+class LossBackend:
+    """Which implementation of `token_loss_stats` a forward with labels runs: chosen by the caller, run by the model.
+
+    `MMLlamaTrainer.compute_loss` builds one from its TrainingArguments (`loss_chunk_size`, `use_liger_loss`) and
+    passes it to the model's forward as `loss_backend`, the way transformers' Trainer passes `num_items_in_batch`:
+    the choice belongs to the training loop (as in TRL), not to the model. The computation cannot leave the forward,
+    though: under FSDP and DeepSpeed ZeRO-3 the LM head weight is gathered only while the wrapped model's forward
+    runs (after it, `model.lm_head` holds a shard or an empty placeholder), so the model calls the backend on its
+    final hidden states with its LM head. Only trained positions are passed: prompt and padding positions never go
+    through the LM head.
+
+    chunk_size: None: the "full" loss, which also returns the logits [num_trained, vocab] (loglikelihood scoring
+        reads them). An int: the chunked loss, `chunk_size` positions at a time, or Liger-Kernel's fused loss; no
+        logits.
+    use_liger: with `chunk_size`, allow Liger-Kernel's fused loss (CUDA, `liger-kernel` installed, plain Linear head).
+    """
+
+    chunk_size: int | None = None
+    use_liger: bool = True
+
+    def __call__(
+        self, hidden_states: torch.Tensor, lm_head: nn.Module, targets: torch.Tensor,
+        weights: torch.Tensor | None = None, answer_mask: torch.Tensor | None = None,
+    ) -> tuple[TokenLossStats, torch.Tensor | None]:
+        """`token_loss_stats` with this backend's implementation: [num_trained, hidden] in, (stats, logits) out."""
+        return token_loss_stats(hidden_states, lm_head, targets, weights, answer_mask,
+                                chunk_size=self.chunk_size, use_liger=self.use_liger)
+
+
+def causal_lm_loss(
+    hidden_states: torch.Tensor,
+    lm_head: nn.Module,
+    labels: torch.Tensor,
+    loss_weights: torch.Tensor | None = None,
+    answer_mask: torch.Tensor | None = None,
+    num_items_in_batch: torch.Tensor | int | None = None,
+    backend: LossBackend | None = None,
+) -> tuple[torch.Tensor, TokenLossStats, torch.Tensor | None]:
+    """The loss of a forward with labels: position t predicts token t+1, as in transformers' causal LMs.
+
+    Args:
+        hidden_states: [batch, seq_len, hidden] the language model's final hidden states.
+        lm_head: its output layer.
+        labels: [batch, seq_len] target ids, -100 where no loss is taken (shifted here).
+        loss_weights: [batch, seq_len] per-token weights aligned with `labels`; None: 1 each.
+        answer_mask: [batch, seq_len] bool aligned with `labels`, True on answer tokens; None: every labelled token.
+        num_items_in_batch: the denominator over a whole gradient-accumulation batch (the trained tokens' weight sum,
+            or their count); None: this batch's own.
+        backend: None: the LM head over every position, as a plain transformers forward; a `LossBackend`: only at the
+            trained positions, with its implementation.
+    Returns:
+        (loss = sum(w * CE) / denominator, stats, logits: [batch, seq_len, vocab] without a backend, else the
+        backend's [num_trained, vocab] or None)
+    """
+    trained = labels[:, 1:] != -100
+    targets = labels[:, 1:][trained]
+    weights = loss_weights[:, 1:][trained] if loss_weights is not None else None
+    answers = answer_mask[:, 1:][trained].bool() if answer_mask is not None else None
+    if backend is None:
+        logits = lm_head(hidden_states)
+        stats = token_stats_from_logits(logits[:, :-1][trained], targets, weights, answers)
+    else:
+        stats, logits = backend(hidden_states[:, :-1][trained], lm_head, targets, weights, answers)
+    denominator = stats.weight_sum if num_items_in_batch is None else num_items_in_batch
+    # A batch with no trained token has a zero sum: clamping keeps its loss 0 instead of 0/0.
+    denominator = torch.as_tensor(denominator, dtype=torch.float32, device=stats.weighted_loss_sum.device)
+    return stats.weighted_loss_sum / denominator.clamp(min=torch.finfo(torch.float32).tiny), stats, logits
 
 
 # ---------------------------------------------------------------- chunked
@@ -266,15 +346,7 @@ def chunked_token_loss_stats(
         hidden_states, targets, weights, lm_head, chunk_size, torch.is_grad_enabled(), *params)
     weight_sum = (torch.tensor(float(targets.numel()), device=targets.device) if weights is None
                   else weights.sum())
-    if answer_mask is None:
-        answer_mask = torch.ones_like(targets, dtype=torch.bool)
-    return TokenLossStats(
-        weighted_loss_sum=weighted_sum,
-        weight_sum=weight_sum.detach(),
-        answer_loss_sum=ce[answer_mask].sum(),
-        answer_tokens=answer_mask.sum(),
-        answer_correct=(correct & answer_mask).sum(),
-    )
+    return _stats_from_tokens(weighted_sum, weight_sum, ce, correct, answer_mask)
 
 
 # ---------------------------------------------------------------- Liger-Kernel
@@ -397,7 +469,9 @@ def _log_once(message: str) -> None:
 
 __all__ = [
     "DEFAULT_LOSS_CHUNK_SIZE",
+    "LossBackend",
     "TokenLossStats",
+    "causal_lm_loss",
     "chunked_token_loss_stats",
     "liger_token_loss_stats",
     "liger_unavailable_reason",

@@ -21,7 +21,7 @@ from transformers.cache_utils import Cache
 from transformers.utils import ModelOutput
 
 from .configuration_mm_llama import MMLlamaConfig
-from .loss_mm_llama import token_loss_stats, token_stats_from_logits
+from .loss_mm_llama import LossBackend, causal_lm_loss
 
 # Inputs that describe the prompt's media; generation passes them on the prefill step only.
 MEDIA_INPUT_NAMES = ("media_embeds", "pixel_values", "video_pixel_values", "media_type_ids")
@@ -32,7 +32,8 @@ class MMLlamaCausalLMOutput(ModelOutput):
     """Output of [`MMLlamaForCausalLM`].
 
     loss: the optimised loss, sum(w * CE) / sum(w) over the trained next-token targets (see `loss_mm_llama`).
-    logits: [batch, seq_len, vocab], or [num_trained_tokens, vocab] with `logits_for_labels_only=True`.
+    logits: [batch, seq_len, vocab]; with labels and a `loss_backend`, [num_trained_tokens, vocab] (the full
+        loss) or None (the chunked / Liger loss).
     num_correct_tokens / num_answer_tokens / answer_loss_sum: sums over the ANSWER targets (argmax hits, count, CE)
         from which `token_accuracy` and `answer_loss` are computed after summing over batches and processes.
     """
@@ -262,6 +263,41 @@ class MMLlamaForCausalLM(MMLlamaPreTrainedModel, GenerationMixin):
 
     # ---------------------------------------------------------------- forward
 
+    def _embed_inputs(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        media_embeds: torch.Tensor | None = None,
+        pixel_values: torch.Tensor | None = None,
+        video_pixel_values: torch.Tensor | None = None,
+        media_type_ids: torch.Tensor | None = None,
+        decoding: bool = False,
+    ) -> torch.Tensor:
+        """The language model's input embeddings [batch, seq_len, hidden], media merged in at the placeholders.
+
+        Arguments as in `forward`; `decoding`: a decoding step (a KV cache is given), whose ids are not checked for
+        placeholders so that it never syncs on them and compiles whole.
+        """
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("Pass exactly one of input_ids and inputs_embeds.")
+        if pixel_values is not None or video_pixel_values is not None:
+            if media_embeds is not None:
+                raise ValueError("Pass either media_embeds or raw pixel inputs, not both.")
+            media_embeds = self.embed_media(pixel_values, video_pixel_values, media_type_ids)
+        if inputs_embeds is not None:
+            if media_embeds is not None:
+                raise ValueError("media_embeds need input_ids to locate the placeholders; got inputs_embeds instead.")
+            return inputs_embeds
+        inputs_embeds = self.get_input_embeddings()(input_ids)
+        if media_embeds is not None:
+            return self.merge_media_into_embeddings(input_ids, inputs_embeds, media_embeds)
+        if not decoding and bool((input_ids == self.config.media_token_id).any()):
+            raise ValueError(
+                f"input_ids contain media placeholder tokens (id {self.config.media_token_id}) but no media was "
+                "given: pass media_embeds (or pixel_values / video_pixel_values)."
+            )
+        return inputs_embeds
+
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
@@ -278,10 +314,8 @@ class MMLlamaForCausalLM(MMLlamaPreTrainedModel, GenerationMixin):
         answer_mask: torch.Tensor | None = None,
         use_cache: bool | None = None,
         logits_to_keep: int | torch.Tensor = 0,
-        logits_for_labels_only: bool = False,
+        loss_backend: LossBackend | None = None,
         num_items_in_batch: torch.Tensor | int | None = None,
-        loss_chunk_size: int | None = None,
-        use_liger_loss: bool = True,
         **kwargs,
     ) -> MMLlamaCausalLMOutput:
         """
@@ -290,75 +324,38 @@ class MMLlamaForCausalLM(MMLlamaPreTrainedModel, GenerationMixin):
             media_embeds: [total_media, tokens_per_media, media_embed_dim] precomputed ImageBind embeddings of the
                 batch, in placeholder order (row by row).
             pixel_values / video_pixel_values / media_type_ids: raw media for the vision tower (see `embed_media`).
-            labels: [batch, seq_len] target ids, -100 where no loss is taken; shifted inside, as in HF models.
-            loss_weights: [batch, seq_len] per-token loss weights aligned with `labels` (e.g. 1 on answers and
-                `prompt_loss_weight` on the prompt); the loss is sum(weight * CE) / sum(weight).
-            answer_mask: [batch, seq_len] bool, True on answer tokens (aligned with `labels`); token accuracy and
-                answer loss count only those. None: every labelled token is an answer token (prompt_loss_weight 0).
-            logits_for_labels_only: with labels, apply the LM head only where a loss is taken (the LM head over
-                a 32k vocabulary dominates a training step); `logits` is then [num_trained_tokens, vocab].
-            num_items_in_batch: denominator for the loss over a whole gradient-accumulation batch (HF Trainer):
-                the number of trained tokens, or the sum of their weights when `loss_weights` is given.
-            loss_chunk_size / use_liger_loss: with `logits_for_labels_only`, compute the loss without materialising
-                the logits (`loss_mm_llama.token_loss_stats`: Liger-Kernel's fused loss on CUDA when installed,
-                otherwise `loss_chunk_size` positions at a time); `logits` is then None. None: the full loss.
             position_ids: for packed batches (`mm_llama.data.packing`), positions restarting at 0 for every
                 conversation, with `attention_mask=None`: attention then stays within each conversation.
+            labels / loss_weights / answer_mask / num_items_in_batch: the loss inputs of
+                `loss_mm_llama.causal_lm_loss`: [batch, seq_len] target ids (-100: no loss; shifted inside),
+                per-token weights (the loss is sum(w * CE) / sum(w)), answer-token mask (token accuracy and answer
+                loss count only those; None: every labelled token) and the gradient-accumulation denominator
+                passed by the HF Trainer.
+            loss_backend: with labels, how the loss is computed, chosen by the caller (`MMLlamaTrainer` builds it
+                from its TrainingArguments); a `LossBackend` applies the LM head only at trained positions (it
+                dominates a training step at a 32k vocabulary), and `logits` is then [num_trained, vocab] or None.
+                It is run here rather than by the trainer because under FSDP / ZeRO-3 the LM head weight is gathered
+                only inside this forward. None: logits at every position, as a plain transformers forward.
         """
-        if (input_ids is None) == (inputs_embeds is None):
-            raise ValueError("Pass exactly one of input_ids and inputs_embeds.")
-        if pixel_values is not None or video_pixel_values is not None:
-            if media_embeds is not None:
-                raise ValueError("Pass either media_embeds or raw pixel inputs, not both.")
-            media_embeds = self.embed_media(pixel_values, video_pixel_values, media_type_ids)
-        if inputs_embeds is None:
-            inputs_embeds = self.get_input_embeddings()(input_ids)
-            if media_embeds is not None:
-                inputs_embeds = self.merge_media_into_embeddings(input_ids, inputs_embeds, media_embeds)
-            # `cache is None` first: a decoding step (cache given) never syncs on its ids, so it compiles whole.
-            elif cache is None and bool((input_ids == self.config.media_token_id).any()):
-                raise ValueError(
-                    f"input_ids contain media placeholder tokens (id {self.config.media_token_id}) but no media was "
-                    "given: pass media_embeds (or pixel_values / video_pixel_values)."
-                )
-        elif media_embeds is not None:
-            raise ValueError("media_embeds need input_ids to locate the placeholders; got inputs_embeds instead.")
-
+        replaced = {"logits_for_labels_only", "loss_chunk_size", "use_liger_loss"} & kwargs.keys()
+        if replaced:
+            raise TypeError(f"MMLlamaForCausalLM.forward no longer takes {sorted(replaced)}: pass "
+                            "loss_backend=LossBackend(chunk_size=..., use_liger=...) from mm_llama.loss_mm_llama.")
+        inputs_embeds = self._embed_inputs(input_ids, inputs_embeds, media_embeds, pixel_values, video_pixel_values,
+                                          media_type_ids, decoding=cache is not None)
         if labels is not None and use_cache is None:
             # A forward with labels (training, evaluation) never needs a KV cache; packed batches must have none,
             # since a cache turns off transformers' packed-sequence attention mask (config.use_cache is True).
             use_cache = False
-        outputs = self.language_model.model(
-            attention_mask=attention_mask,
-            position_ids=position_ids,
-            cache=cache,
-            inputs_embeds=inputs_embeds,
-            use_cache=use_cache,
-            **kwargs,
-        )
-        hidden_states = outputs.last_hidden_state
+        outputs = self.language_model.model(attention_mask=attention_mask, position_ids=position_ids, cache=cache,
+                                            inputs_embeds=inputs_embeds, use_cache=use_cache, **kwargs)
         lm_head = self.language_model.lm_head
-
         loss = stats = None
         if labels is not None:
-            # Position t predicts token t+1.
-            trained = labels[:, 1:] != -100
-            targets = labels[:, 1:][trained]
-            weights = loss_weights[:, 1:][trained] if loss_weights is not None else None
-            answers = answer_mask[:, 1:][trained].bool() if answer_mask is not None else None
-            if logits_for_labels_only:
-                stats, logits = token_loss_stats(hidden_states[:, :-1][trained], lm_head, targets, weights, answers,
-                                                 chunk_size=loss_chunk_size, use_liger=use_liger_loss)
-            else:
-                logits = lm_head(hidden_states)
-                stats = token_stats_from_logits(logits[:, :-1][trained], targets, weights, answers)
-            denominator = stats.weight_sum if num_items_in_batch is None else num_items_in_batch
-            # A batch with no trained token has a zero sum: clamping keeps its loss 0 instead of 0/0.
-            denominator = torch.as_tensor(denominator, dtype=torch.float32, device=stats.weighted_loss_sum.device)
-            loss = stats.weighted_loss_sum / denominator.clamp(min=torch.finfo(torch.float32).tiny)
+            loss, stats, logits = causal_lm_loss(outputs.last_hidden_state, lm_head, labels, loss_weights,
+                                                 answer_mask, num_items_in_batch, loss_backend)
         else:
-            logits = lm_head(slice_logits_to_keep(hidden_states, logits_to_keep))
-
+            logits = lm_head(slice_logits_to_keep(outputs.last_hidden_state, logits_to_keep))
         return MMLlamaCausalLMOutput(
             loss=loss,
             logits=logits,

@@ -28,6 +28,7 @@ WORKER = textwrap.dedent('''
     from torch.distributed.fsdp import fully_shard
 
     from mm_llama.data.collator import MMLlamaDataCollator
+    from mm_llama.loss_mm_llama import LossBackend
     from mm_llama.training.arguments import LoraArguments, ModelArguments
     from mm_llama.training.setup import load_stage_model
 
@@ -62,8 +63,7 @@ WORKER = textwrap.dedent('''
     result = {}
     if rank == 0:
         reference = copy.deepcopy(model)
-        loss = reference(**batch, num_items_in_batch=denominator, logits_for_labels_only=True,
-                         loss_chunk_size=chunk).loss
+        loss = reference(**batch, num_items_in_batch=denominator, loss_backend=LossBackend(chunk_size=chunk)).loss
         loss.backward()
         result["reference_loss"] = float(loss)
         reference_grads = trainable_grads(reference)
@@ -80,7 +80,8 @@ WORKER = textwrap.dedent('''
     fully_shard(model, reshard_after_forward=reshard)
     half = {name: value[2 * rank: 2 * rank + 2] for name, value in batch.items() if name != "media_embeds"}
     half["media_embeds"] = batch["media_embeds"][2 * rank: 2 * rank + 2]  # one media item per row
-    loss = model(**half, num_items_in_batch=denominator, logits_for_labels_only=True, loss_chunk_size=chunk).loss
+    # The backend goes into the sharded model's forward: the LM head weight is gathered only there.
+    loss = model(**half, num_items_in_batch=denominator, loss_backend=LossBackend(chunk_size=chunk)).loss
     loss.backward()
     # Each rank's loss is its share of the global sum(w * CE) / sum(w); FSDP averages gradients over ranks, so the
     # gradient of the global loss is world x the reduced one (the Trainer scales the loss likewise).

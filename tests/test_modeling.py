@@ -7,6 +7,7 @@ from transformers import AutoModelForCausalLM, LlamaForCausalLM
 
 from remote_code import assert_remote_code_logits
 from mm_llama import MMLlamaConfig, MMLlamaForCausalLM
+from mm_llama.loss_mm_llama import LossBackend
 from mm_llama.testing_utils import tiny_llama, tiny_llama_config, tiny_mm_llama
 
 MEDIA_DIM = 16
@@ -127,14 +128,17 @@ def test_loss_honours_labels_and_weights_by_hand():
     torch.testing.assert_close(masked_answers.answer_loss_sum, ce[2:].sum())
 
 
-def test_logits_for_labels_only_gives_the_same_loss_and_accuracy():
+def test_a_loss_backend_gives_the_same_loss_and_accuracy_from_the_trained_positions_only():
     model = make_model()
     ids = random_ids(2, 12)
     labels = ids.clone()
     labels[:, :5] = -100
     with torch.no_grad():
         full = model(input_ids=ids, labels=labels)
-        sparse = model(input_ids=ids, labels=labels, logits_for_labels_only=True)
+        sparse = model(input_ids=ids, labels=labels, loss_backend=LossBackend())
+        chunked = model(input_ids=ids, labels=labels, loss_backend=LossBackend(chunk_size=3))
+    torch.testing.assert_close(chunked.loss, full.loss)
+    assert chunked.logits is None and chunked.num_correct_tokens == full.num_correct_tokens
     torch.testing.assert_close(sparse.loss, full.loss)
     assert sparse.logits.shape == (2 * 7, 320)
     torch.testing.assert_close(sparse.logits, full.logits[:, 4:-1].reshape(-1, 320))
@@ -142,6 +146,13 @@ def test_logits_for_labels_only_gives_the_same_loss_and_accuracy():
     assert full.num_answer_tokens.item() == 14
     predicted = full.logits[:, :-1].argmax(-1)
     assert full.num_correct_tokens.item() == int((predicted == ids[:, 1:])[:, 4:].sum())
+
+
+def test_the_replaced_loss_arguments_are_refused_by_name():
+    model = make_model()
+    ids = random_ids(1, 6)
+    with pytest.raises(TypeError, match=r"\['logits_for_labels_only'\].*loss_backend=LossBackend"):
+        model(input_ids=ids, labels=ids, logits_for_labels_only=True)
 
 
 def test_gradient_checkpointing_gives_the_same_gradients():

@@ -21,6 +21,7 @@ from mm_llama.data.packing import (
     plan_packs,
     sequence_ids,
 )
+from mm_llama.loss_mm_llama import LossBackend
 from mm_llama.processing_mm_llama import IGNORE_INDEX
 from mm_llama.testing_utils import tiny_mm_llama
 
@@ -138,9 +139,9 @@ def test_packing_collator_rejects_rows_longer_than_planned(processor):
 # ---------------------------------------------------------------- the model
 
 
-def loss_and_grads(model, batch):
+def loss_and_grads(model, batch, chunk_size=None):
     model.zero_grad()
-    output = model(**batch, logits_for_labels_only=True)
+    output = model(**batch, loss_backend=LossBackend(chunk_size=chunk_size))
     output.loss.backward()
     grads = {name: param.grad.clone() for name, param in model.named_parameters() if param.grad is not None}
     return output, grads
@@ -206,7 +207,7 @@ def test_packed_loss_equals_unpacked_with_the_chunked_loss(processor):
     packed = PackingCollator(collator)([[rows[i] for i in pack] for pack in packs])
     unpacked = collator([rows[i] for pack in packs for i in pack])
     expected, expected_grads = loss_and_grads(model, unpacked)
-    got, got_grads = loss_and_grads(model, {**packed, "use_cache": False, "loss_chunk_size": 16})
+    got, got_grads = loss_and_grads(model, {**packed, "use_cache": False}, chunk_size=16)
     assert got.logits is None  # the chunked path ran
     torch.testing.assert_close(got.loss, expected.loss, rtol=1e-5, atol=1e-5)
     for name, grad in expected_grads.items():

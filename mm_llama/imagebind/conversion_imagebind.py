@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import math
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -130,23 +131,31 @@ def official_audio_shapes(config: ImageBindAudioConfig) -> dict[str, tuple[int, 
     return shapes
 
 
+def _preset_matching(state_dict: dict[str, torch.Tensor], modality: str, presets: dict, config_class: type,
+                     official_shapes: Callable, prefix: str) -> str:
+    """The name of the preset whose `official_shapes` the checkpoint's keys have (the head count is not stored in
+    the weights); ValueError naming the config class to pass when none does."""
+    for name in presets:
+        expected = official_shapes(config_class.from_preset(name))
+        if all(k in state_dict and tuple(state_dict[k].shape) == s for k, s in expected.items()):
+            return name
+    cls_token = state_dict.get(prefix + "cls_token")
+    width = None if cls_token is None else tuple(cls_token.shape)
+    raise ValueError(
+        f"The checkpoint's {modality} weights (cls_token shape {width}) match no preset in "
+        f"{sorted(presets)}; pass config={config_class.__name__}(...) describing them."
+    )
+
+
 def infer_vision_config(state_dict: dict[str, torch.Tensor]) -> ImageBindVisionConfig:
-    """The preset whose shapes the checkpoint's vision keys have (the head count is not stored in the weights).
+    """The vision preset whose shapes the checkpoint's vision keys have.
 
     Raises:
         ValueError: no preset matches; pass an explicit `ImageBindVisionConfig`.
     """
-    for name in IMAGEBIND_VISION_PRESETS:
-        config = ImageBindVisionConfig.from_preset(name)
-        expected = official_vision_shapes(config)
-        if all(k in state_dict and tuple(state_dict[k].shape) == s for k, s in expected.items()):
-            return config
-    cls_token = state_dict.get(_PRE + "cls_token")
-    width = None if cls_token is None else tuple(cls_token.shape)
-    raise ValueError(
-        f"The checkpoint's vision weights (cls_token shape {width}) match no preset in "
-        f"{sorted(IMAGEBIND_VISION_PRESETS)}; pass config=ImageBindVisionConfig(...) describing them."
-    )
+    name = _preset_matching(state_dict, "vision", IMAGEBIND_VISION_PRESETS, ImageBindVisionConfig,
+                            official_vision_shapes, _PRE)
+    return ImageBindVisionConfig.from_preset(name)
 
 
 def _checkpoint_logit_scale(state_dict: dict[str, torch.Tensor]) -> float:
@@ -155,22 +164,14 @@ def _checkpoint_logit_scale(state_dict: dict[str, torch.Tensor]) -> float:
 
 
 def infer_audio_config(state_dict: dict[str, torch.Tensor]) -> ImageBindAudioConfig:
-    """The audio preset whose shapes the checkpoint's audio keys have (the head count is not stored in the weights).
+    """The audio preset whose shapes the checkpoint's audio keys have, with the checkpoint's logit scale.
 
     Raises:
         ValueError: no preset matches; pass an explicit `ImageBindAudioConfig`.
     """
-    for name in IMAGEBIND_AUDIO_PRESETS:
-        config = ImageBindAudioConfig.from_preset(name)
-        expected = official_audio_shapes(config)
-        if all(k in state_dict and tuple(state_dict[k].shape) == s for k, s in expected.items()):
-            return ImageBindAudioConfig.from_preset(name, logit_scale=_checkpoint_logit_scale(state_dict))
-    cls_token = state_dict.get(_APRE + "cls_token")
-    width = None if cls_token is None else tuple(cls_token.shape)
-    raise ValueError(
-        f"The checkpoint's audio weights (cls_token shape {width}) match no preset in "
-        f"{sorted(IMAGEBIND_AUDIO_PRESETS)}; pass config=ImageBindAudioConfig(...) describing them."
-    )
+    name = _preset_matching(state_dict, "audio", IMAGEBIND_AUDIO_PRESETS, ImageBindAudioConfig,
+                            official_audio_shapes, _APRE)
+    return ImageBindAudioConfig.from_preset(name, logit_scale=_checkpoint_logit_scale(state_dict))
 
 
 def _block_hf_key(trunk: str, official: str) -> list[str]:

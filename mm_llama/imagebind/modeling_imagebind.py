@@ -119,28 +119,53 @@ class ImageBindVisionEmbeddings(nn.Module):
         return tokens + self._position_embedding_for(patches.shape[1])
 
 
-class ImageBindVisionPreTrainedModel(PreTrainedModel):
-    """Weight initialisation and HF plumbing shared by ImageBind vision models."""
+class ImageBindPreTrainedModel(PreTrainedModel):
+    """What the vision and audio towers share: HF plumbing, the init of their token embeddings (`_embeddings_class`,
+    with a class token and a learned position table) and the trunk + head run of their forwards (`_encode`)."""
+
+    supports_gradient_checkpointing = True
+    _supports_sdpa = True
+    _supports_flash_attn = True
+    _supports_flex_attn = True
+    _supports_attention_backend = True
+    _embeddings_class: type[nn.Module]
+
+    def _init_weights(self, module: nn.Module) -> None:
+        """Random init for training from scratch and for tests; real weights come from the converted checkpoint."""
+        super()._init_weights(module)
+        std = self.config.initializer_range * self.config.initializer_factor
+        if isinstance(module, self._embeddings_class):
+            init.normal_(module.class_embedding, std=std)
+            init.normal_(module.position_embedding, std=std)
+
+    def _encode(self, hidden: torch.Tensor, projection: nn.Module, num_items: int | None, scale: float,
+                output_hidden_states: bool | None, return_dict: bool | None, output_class: type[ModelOutput]):
+        """The blocks and the modality head (`imagebind_head`) on embedded tokens `[B (* S), 1 + N, D]`, returned as
+        `output_class` (embeds, last_hidden_state, hidden_states) or, with `return_dict=False`, a tuple."""
+        if output_hidden_states is None:
+            output_hidden_states = self.config.output_hidden_states
+        return_dict = return_dict if return_dict is not None else self.config.return_dict
+        all_hidden = (hidden,) if output_hidden_states else None
+        for layer in self.layers:
+            hidden = layer(hidden, None)
+            if output_hidden_states:
+                all_hidden = all_hidden + (hidden,)
+        embeds = imagebind_head(hidden, self.head_layernorm, projection, num_items, scale)
+        if not return_dict:
+            return tuple(v for v in (embeds, hidden, all_hidden) if v is not None)
+        return output_class(embeds=embeds, last_hidden_state=hidden, hidden_states=all_hidden)
+
+
+class ImageBindVisionPreTrainedModel(ImageBindPreTrainedModel):
+    """Weight initialisation and HF plumbing of ImageBind vision models."""
 
     config_class = ImageBindVisionConfig
     config: ImageBindVisionConfig
     base_model_prefix = "imagebind_vision"
     main_input_name = "pixel_values"
     input_modalities = ("image", "video")
-    supports_gradient_checkpointing = True
     _no_split_modules = ["CLIPEncoderLayer", "ImageBindVisionEmbeddings"]
-    _supports_sdpa = True
-    _supports_flash_attn = True
-    _supports_flex_attn = True
-    _supports_attention_backend = True
-
-    def _init_weights(self, module: nn.Module) -> None:
-        """Random init for training from scratch and for tests; real weights come from the converted checkpoint."""
-        super()._init_weights(module)
-        std = self.config.initializer_range * self.config.initializer_factor
-        if isinstance(module, ImageBindVisionEmbeddings):
-            init.normal_(module.class_embedding, std=std)
-            init.normal_(module.position_embedding, std=std)
+    _embeddings_class = ImageBindVisionEmbeddings
 
 
 def imagebind_head(hidden: torch.Tensor, layernorm: nn.Module, projection: nn.Module, num_views: int | None,
@@ -231,24 +256,10 @@ class ImageBindVisionModel(ImageBindVisionPreTrainedModel):
             `embeds` `[B, projection_dim]`, `last_hidden_state` `[B (* V), 1 + num_patches, hidden_size]` and optionally
             `hidden_states`.
         """
-        output_hidden_states = (
-            output_hidden_states if output_hidden_states is not None else self.config.output_hidden_states
-        )
-        return_dict = return_dict if return_dict is not None else self.config.return_dict
         clips, num_views = self._as_clips(pixel_values)
-
         hidden = self.pre_layernorm(self.embeddings(clips))  # [B*, 1 + N, D]
-        all_hidden = (hidden,) if output_hidden_states else None
-        for layer in self.layers:
-            hidden = layer(hidden, None)
-            if output_hidden_states:
-                all_hidden = all_hidden + (hidden,)
-
-        embeds = imagebind_head(hidden, self.head_layernorm, self.visual_projection, num_views)
-
-        if not return_dict:
-            return tuple(v for v in (embeds, hidden, all_hidden) if v is not None)
-        return ImageBindVisionModelOutput(embeds=embeds, last_hidden_state=hidden, hidden_states=all_hidden)
+        return self._encode(hidden, self.visual_projection, num_views, 1.0, output_hidden_states, return_dict,
+                            ImageBindVisionModelOutput)
 
     def embed_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """`[B, 3, S, S]` normalised images (`ImageBindProcessor(images=...)`) -> unit-norm `[B, projection_dim]`.
@@ -301,4 +312,5 @@ class ImageBindVisionModel(ImageBindVisionPreTrainedModel):
         return self(video_pixel_values, return_dict=True).embeds
 
 
-__all__ = ["IMAGE_TYPE_ID", "VIDEO_TYPE_ID", "imagebind_head", "ImageBindVisionModel", "ImageBindVisionModelOutput", "ImageBindVisionPreTrainedModel"]
+__all__ = ["IMAGE_TYPE_ID", "VIDEO_TYPE_ID", "imagebind_head", "ImageBindPreTrainedModel", "ImageBindVisionModel",
+           "ImageBindVisionModelOutput", "ImageBindVisionPreTrainedModel"]

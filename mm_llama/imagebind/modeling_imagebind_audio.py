@@ -25,14 +25,13 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
-from transformers import PreTrainedModel
 from transformers import initialization as init
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.models.clip.modeling_clip import CLIPAttention, CLIPEncoderLayer, eager_attention_forward
 from transformers.utils import ModelOutput
 
 from .configuration_imagebind_audio import ImageBindAudioConfig
-from .modeling_imagebind import imagebind_head
+from .modeling_imagebind import ImageBindPreTrainedModel
 
 
 @dataclass
@@ -172,29 +171,21 @@ class ImageBindAudioEmbeddings(nn.Module):
         return tokens + self.position_embedding
 
 
-class ImageBindAudioPreTrainedModel(PreTrainedModel):
-    """Weight initialisation and HF plumbing shared by ImageBind audio models."""
+class ImageBindAudioPreTrainedModel(ImageBindPreTrainedModel):
+    """Weight initialisation and HF plumbing of ImageBind audio models."""
 
     config_class = ImageBindAudioConfig
     config: ImageBindAudioConfig
     base_model_prefix = "imagebind_audio"
     main_input_name = "input_features"
     input_modalities = ("audio",)
-    supports_gradient_checkpointing = True
     _no_split_modules = ["ImageBindAudioEncoderLayer", "ImageBindAudioEmbeddings"]
-    _supports_sdpa = True
-    _supports_flash_attn = True
-    _supports_flex_attn = True
-    _supports_attention_backend = True
+    _embeddings_class = ImageBindAudioEmbeddings
 
     def _init_weights(self, module: nn.Module) -> None:
-        """Random init for training from scratch and for tests; real weights come from the converted checkpoint."""
+        """The towers' shared init, plus the attention's key/value bias tokens."""
         super()._init_weights(module)
-        std = self.config.initializer_range * self.config.initializer_factor
-        if isinstance(module, ImageBindAudioEmbeddings):
-            init.normal_(module.class_embedding, std=std)
-            init.normal_(module.position_embedding, std=std)
-        elif isinstance(module, ImageBindAudioAttention):
+        if isinstance(module, ImageBindAudioAttention):
             # nn.MultiheadAttention initialises its key/value bias tokens with xavier_normal_.
             init.xavier_normal_(module.bias_k)
             init.xavier_normal_(module.bias_v)
@@ -253,10 +244,6 @@ class ImageBindAudioModel(ImageBindAudioPreTrainedModel):
             `embeds` `[B, projection_dim]`, `last_hidden_state` `[B (* S), 1 + num_patches, hidden_size]` and
             optionally `hidden_states`.
         """
-        output_hidden_states = (
-            output_hidden_states if output_hidden_states is not None else self.config.output_hidden_states
-        )
-        return_dict = return_dict if return_dict is not None else self.config.return_dict
         num_clips = None
         if input_features.ndim == 5:  # Meta: inputs of 5 dims and more are [B, S, ...] with S clips
             num_clips = input_features.shape[1]
@@ -268,17 +255,8 @@ class ImageBindAudioModel(ImageBindAudioPreTrainedModel):
             )
 
         hidden = self.embeddings(input_features)  # [B*, 1 + N, D]; no pre-trunk LayerNorm for audio
-        all_hidden = (hidden,) if output_hidden_states else None
-        for layer in self.layers:
-            hidden = layer(hidden, None)
-            if output_hidden_states:
-                all_hidden = all_hidden + (hidden,)
-
-        embeds = imagebind_head(hidden, self.head_layernorm, self.audio_projection, num_clips, self.logit_scale)
-
-        if not return_dict:
-            return tuple(v for v in (embeds, hidden, all_hidden) if v is not None)
-        return ImageBindAudioModelOutput(embeds=embeds, last_hidden_state=hidden, hidden_states=all_hidden)
+        return self._encode(hidden, self.audio_projection, num_clips, self.logit_scale, output_hidden_states,
+                            return_dict, ImageBindAudioModelOutput)
 
     def embed_audio(self, input_features: torch.Tensor) -> torch.Tensor:
         """`[B, S, 1, 128, 204]` clips (`ImageBindAudioProcessor(audio=...)`) -> mean clip embedding `[B, P]`.

@@ -34,6 +34,7 @@ from ..generation import (DecodingOptions, GenerationSettings, generate_batched,
                           set_decoding_options)
 from ..imagebind.processing_imagebind import MediaLoadError
 from ..loading import load_model
+from ..loss_mm_llama import LossBackend
 from ..processing_mm_llama import IGNORE_INDEX
 from .cache import CachedMediaEmbedder, default_cache_dir
 from .scoring import RIGHT_CHOICE_WITHOUT_MEDIA, Score, loss_score, task_of, unusable_media_score
@@ -285,7 +286,7 @@ class MMLlamaLMM(lmms):
         with torch.no_grad():
             # Logits only where labels are set ([num_continuation_tokens, vocab], row-major): the LM head over the
             # prompt would be waste. The loss the model also returns is not used.
-            logits = self.model(**inputs, labels=labels.to(self._device), logits_for_labels_only=True).logits
+            logits = self.model(**inputs, labels=labels.to(self._device), loss_backend=LossBackend()).logits
         log_probs = logits.float().log_softmax(-1)
         targets = labels[:, 1:][labels[:, 1:] != IGNORE_INDEX].to(log_probs.device)
         scores, offset = [], 0

@@ -18,6 +18,7 @@ import torch
 from torch import nn
 from transformers import PrinterCallback, ProgressCallback, Trainer, TrainerCallback
 
+from ..loss_mm_llama import LossBackend
 from .setup import optimizer_param_groups
 
 TRAINABLE_WEIGHTS_NAME = "trainable_weights.safetensors"
@@ -120,8 +121,8 @@ class MMLlamaTrainer(Trainer):
     - Loss weights: with `loss_weights` in the batch (prompt_loss_weight > 0) the loss over a gradient-accumulation
       step is sum(weight * CE) / sum(weight) over the whole global batch: `num_items_in_batch` becomes the weight
       total instead of the token count.
-    - Logits only at trained positions (`logits_for_labels_only=True`): prompt and padding positions never go
-      through the LM head.
+    - The loss backend (`loss_backend`, from `loss_chunk_size` / `use_liger_loss`): the LM head runs only at trained
+      positions (prompt and padding positions never go through it), all at once, in chunks or fused by Liger.
     - `token_accuracy` (next-token argmax accuracy on ANSWER tokens, the original MM-LLaMA's definition) and
       `answer_loss` (mean CE on answer tokens) are logged next to `loss`, from the model's sums over accumulation
       steps, logging interval and processes; `eval_token_accuracy` / `eval_answer_loss` likewise, pooled over the
@@ -151,6 +152,13 @@ class MMLlamaTrainer(Trainer):
 
     # ---------------------------------------------------------------- loss
 
+    @property
+    def loss_backend(self) -> LossBackend:
+        """The loss implementation from `loss_chunk_size` / `use_liger_loss` (MMLlamaTrainingArguments); plain
+        TrainingArguments get the full loss at the trained positions."""
+        return LossBackend(chunk_size=getattr(self.args, "loss_chunk_size", None),
+                           use_liger=getattr(self.args, "use_liger_loss", True))
+
     def get_batch_samples(self, epoch_iterator, num_batches: int, device: torch.device):
         """Fetches the micro-batches of one optimizer step; with loss weights, the loss denominator over them (and
         over all processes) is the total weight of the trained tokens rather than their count."""
@@ -169,10 +177,13 @@ class MMLlamaTrainer(Trainer):
         return_outputs: bool = False,
         num_items_in_batch: torch.Tensor | int | None = None,
     ):
-        """The model's (weighted) loss with logits only at trained positions; records the metric sums."""
-        inputs = {**inputs, "logits_for_labels_only": True,
-                  "loss_chunk_size": getattr(self.args, "loss_chunk_size", None),
-                  "use_liger_loss": getattr(self.args, "use_liger_loss", True)}
+        """The model's (weighted) loss, with the loss backend chosen here; records the metric sums.
+
+        The backend (full / chunked / Liger, `loss_mm_llama.LossBackend`) is the trainer's choice, from its
+        arguments, but the model runs it inside its forward: under FSDP and DeepSpeed ZeRO-3 the LM head weight is
+        gathered only there, so the loss cannot be taken from `model.lm_head` once the forward has returned.
+        """
+        inputs = {**inputs, "loss_backend": self.loss_backend}
         loss, outputs = super().compute_loss(model, inputs, return_outputs=True,
                                              num_items_in_batch=num_items_in_batch)
         with torch.no_grad():

@@ -16,6 +16,7 @@ from typing import Any
 import torch
 
 import mm_llama
+from mm_llama.loss_mm_llama import LossBackend
 
 
 def _sync() -> None:
@@ -30,7 +31,7 @@ def timed_training_step(model, batch: dict[str, Any], optimizer: torch.optim.Opt
     _sync()
     start = time.perf_counter()
     with autocast:
-        loss = model(**batch, logits_for_labels_only=True, loss_chunk_size=loss_chunk_size).loss
+        loss = model(**batch, loss_backend=LossBackend(chunk_size=loss_chunk_size)).loss
     loss.backward()
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)

@@ -5,10 +5,13 @@ generate)."""
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 from typing import Callable, Iterable, TextIO
 
 import torch
+
+from .cli_arguments import ChatArguments
 
 from .data.sources import iter_jsonl
 from .generation import (
@@ -188,4 +191,33 @@ def answer_batch_file(model: torch.nn.Module, processor: MMLlamaProcessor, embed
     return len(prepared), failed
 
 
-__all__ = ["ChatSession", "INTERACTIVE_HELP", "answer_batch_file", "run_interactive"]
+def run_chat(model: torch.nn.Module, processor: MMLlamaProcessor, embedder: MediaEmbedder,
+             settings: GenerationSettings, options: ChatArguments) -> int:
+    """`mm-llama chat` once the model is loaded: a batch file (`options.batch_file`), one prompt (`options.prompt`,
+    with its media) or the interactive loop over stdin; returns the exit status."""
+    if options.batch_file:
+        out = open(options.output, "w", encoding="utf-8") if options.output else sys.stdout
+        try:
+            answered, failed = answer_batch_file(model, processor, embedder, options.batch_file, out, settings,
+                                                 options.batch_size, system=options.system)
+        finally:
+            if out is not sys.stdout:
+                out.close()
+        print(f"answered {answered}, failed {failed} (error records name their line)", file=sys.stderr)
+        return 0 if answered or not failed else 1
+    session = ChatSession(model, processor, embedder, settings, system=options.system)
+    if options.prompt is None:
+        run_interactive(session, sys.stdin, sys.stdout, sys.stderr, stream_answers=options.stream,
+                        show_prompt=sys.stdin.isatty())
+        return 0
+    if options.media:
+        session.attach(*options.media)
+    if options.stream:
+        session.respond(options.prompt, on_text=lambda piece: (sys.stdout.write(piece), sys.stdout.flush()))
+        print()
+    else:
+        print(session.respond(options.prompt))
+    return 0
+
+
+__all__ = ["ChatSession", "INTERACTIVE_HELP", "answer_batch_file", "run_chat", "run_interactive"]

@@ -1,14 +1,13 @@
-"""What the `mm-llama` commands share: the error type that `mm_llama.cli.main` prints as one line, the options and the
-loading of a trained model for inference (chat, web, evaluate, serve), and the port check of the servers. Imports
-nothing heavy at module level, so that every command's `--help` answers at once."""
+"""What the `mm-llama` commands share: the error type that `mm_llama.cli.main` prints as one line, the loading of a
+trained model for inference (chat, web, evaluate, serve) and its sampling settings, and the port check of the
+servers. Imports nothing heavy at module level, so that every command's `--help` answers at once."""
 
 from __future__ import annotations
 
-import argparse
 import logging
 import sys
 
-DTYPE_CHOICES = ("float32", "bfloat16", "float16")
+from .cli_arguments import DTYPE_CHOICES, GenerationArguments, ModelLoadingArguments
 
 
 class CommandError(Exception):
@@ -19,38 +18,18 @@ class CommandError(Exception):
         self.status = status
 
 
-def model_arguments(parser: argparse.ArgumentParser) -> None:
-    """Arguments of every command that loads a trained model for inference."""
-    parser.add_argument("model", help="MM-LLaMA model folder: merged, stage-1, or stage-2 adapter")
-    parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:N, or auto (GPU when present)")
-    parser.add_argument("--dtype", choices=DTYPE_CHOICES, default=None, help="default: float32 on CPU, bfloat16 on GPU")
-    parser.add_argument("--load_in_4bit", action="store_true", help="quantise the language model to 4 bit (nf4)")
-    parser.add_argument("--imagebind", help="converted ImageBind folder (mm-llama convert-imagebind): embeds raw "
-                                            "images/videos for a model without a vision tower, and raw audio when "
-                                            "converted with --modality all")
-    parser.add_argument("--base_model", help="stage-1 folder for a stage-2 adapter MODEL, if not the recorded one")
-    decoding = parser.add_argument_group("decoding speed (same answers; see docs/generation.md)")
-    decoding.add_argument("--compile", action="store_true",
-                          help="static KV cache + torch.compile'd decoding step (CUDA graphs on a GPU); the first "
-                               "answer of each batch size waits for the compilation (ignored with --load_in_4bit)")
-    decoding.add_argument("--prompt_lookup_num_tokens", type=int, default=None, metavar="N",
-                          help="prompt-lookup decoding: verify up to N tokens copied from the prompt per step; pays "
-                               "for long answers that quote the prompt (one conversation at a time)")
-
-
-def load_for_inference(args: argparse.Namespace, with_media: bool = True, cache_size: int | None = None):
-    """(model, processor, embedder) for a command's `model_arguments`; the model decodes with their --compile /
-    --prompt_lookup_num_tokens (`generation.set_decoding_options`)."""
+def load_for_inference(model_path: str, loading: ModelLoadingArguments, generation: GenerationArguments | None = None,
+                       with_media: bool = True, cache_size: int | None = None):
+    """(model, processor, embedder) for the inference commands: MODEL loaded with `loading`'s options, decoding with
+    `generation`'s --compile / --prompt_lookup_num_tokens (`generation.set_decoding_options`)."""
     from .generation import DecodingOptions, MediaEmbedder, set_decoding_options
     from .loading import load_model
 
-    lookup = getattr(args, "prompt_lookup_num_tokens", None)
-    if lookup is not None and lookup < 1:  # before minutes of model loading
-        raise CommandError(f"--prompt_lookup_num_tokens must be >= 1, got {lookup}", 2)
-    model, processor = load_model(args.model, device=args.device, dtype=args.dtype,
-                                  load_in_4bit=args.load_in_4bit, base_model=args.base_model)
-    options = set_decoding_options(model, DecodingOptions(compile=getattr(args, "compile", False),
-                                                          prompt_lookup_num_tokens=lookup))
+    generation = generation or GenerationArguments()
+    model, processor = load_model(model_path, device=loading.device, dtype=loading.dtype,
+                                  load_in_4bit=loading.load_in_4bit, base_model=loading.base_model)
+    options = set_decoding_options(model, DecodingOptions(compile=generation.compile,
+                                                          prompt_lookup_num_tokens=generation.prompt_lookup_num_tokens))
     if options.compile:  # say when an answer waits for a compilation (once per batch size and cache length)
         generation_logger = logging.getLogger("mm_llama.generation")
         generation_logger.setLevel(logging.INFO)
@@ -58,9 +37,18 @@ def load_for_inference(args: argparse.Namespace, with_media: bool = True, cache_
             handler = logging.StreamHandler(sys.stderr)
             handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
             generation_logger.addHandler(handler)
-    embedder = MediaEmbedder.for_model(model, processor, imagebind=args.imagebind, device=args.device,
-                                       dtype=args.dtype, cache_size=cache_size) if with_media else None
+    embedder = MediaEmbedder.for_model(model, processor, imagebind=loading.imagebind, device=loading.device,
+                                       dtype=loading.dtype, cache_size=cache_size) if with_media else None
     return model, processor, embedder
+
+
+def generation_settings(model, generation: GenerationArguments):
+    """The sampling settings of a chat front end: the flags given, then the model's generation_config.json, then
+    LLaMA-2-chat's defaults (`GenerationSettings`)."""
+    from .generation import GenerationSettings
+
+    return GenerationSettings.from_generation_config(getattr(model, "generation_config", None),
+                                                     **generation.sampling())
 
 
 def check_port_available(host: str, port: int, flag: str = "--port") -> None:
@@ -83,4 +71,4 @@ def check_port_available(host: str, port: int, flag: str = "--port") -> None:
                                f"pick a free one with {flag} PORT", 2) from error
 
 
-__all__ = ["DTYPE_CHOICES", "CommandError", "check_port_available", "load_for_inference", "model_arguments"]
+__all__ = ["DTYPE_CHOICES", "CommandError", "check_port_available", "generation_settings", "load_for_inference"]

@@ -27,6 +27,8 @@ from .generation import (
 )
 from .processing_mm_llama import MMLlamaProcessor, TrainOn
 
+# Scores must be reproducible and the reference answers are short: greedy, 64 new tokens, unless told otherwise.
+EVALUATION_SETTINGS = GenerationSettings(max_new_tokens=64, temperature=0.0)
 
 # ---------------------------------------------------------------------------------------------------- loss
 
@@ -200,7 +202,7 @@ def evaluate_generation(
 
     from .imagebind.processing_imagebind import MediaLoadError
 
-    settings = settings or GenerationSettings(max_new_tokens=64, temperature=0.0)
+    settings = settings or EVALUATION_SETTINGS
     rows = read_qa_file(qa_file)[:max_examples]
     if not rows:
         raise ValueError(f"{qa_file} has no questions.")
@@ -245,6 +247,40 @@ def evaluate_generation(
     }
 
 
+def run_evaluation(model: torch.nn.Module, processor: MMLlamaProcessor, embedder: MediaEmbedder | None,
+                   model_path: str, options: Any, settings: GenerationSettings = EVALUATION_SETTINGS
+                   ) -> dict[str, Any]:
+    """`mm-llama evaluate` once the model is loaded: the loss eval of `options.dataset` and the generation eval of
+    `options.qa_file` (each when given; `options`: `mm_llama.cli_arguments.EvaluateArguments`), written to
+    `options.output`; a warning on stderr per question whose media could not be read. Returns the results."""
+    import sys
+
+    results: dict[str, Any] = {"model": str(model_path)}
+    if options.dataset:
+        results["loss_eval"] = evaluate_loss(
+            model, processor, options.dataset, split=options.split, batch_size=options.batch_size,
+            max_examples=options.max_examples, train_on=options.train_on,
+            prompt_loss_weight=options.prompt_loss_weight, max_seq_len=options.max_seq_len,
+            truncation=options.truncation,
+        )
+    if options.qa_file:
+        results["generation_eval"] = evaluate_generation(
+            model, processor, embedder, options.qa_file, system=options.system, batch_size=options.batch_size,
+            max_examples=options.max_examples, progress=options.progress, settings=settings,
+        )
+        for failure in results["generation_eval"]["media_errors"]:
+            print(f"warning: question {failure['id']}: {failure['error']} (answered with '', scored wrong)",
+                  file=sys.stderr)
+    write_results(results, options.output)
+    return results
+
+
+def results_summary(results: dict[str, Any]) -> dict[str, Any]:
+    """`results` without the per-example lists: what `mm-llama evaluate` prints."""
+    return {name: {key: value for key, value in part.items() if key not in ("examples", "media_errors")}
+            for name, part in results.items() if isinstance(part, dict)}
+
+
 def write_results(results: dict[str, Any], path: str | Path) -> Path:
     """Writes results as indented JSON (creating the folder)."""
     path = Path(path)
@@ -254,11 +290,14 @@ def write_results(results: dict[str, Any], path: str | Path) -> Path:
 
 
 __all__ = [
+    "EVALUATION_SETTINGS",
     "evaluate_generation",
     "evaluate_loss",
     "load_split",
     "normalize_answer",
     "read_qa_file",
+    "results_summary",
+    "run_evaluation",
     "score_answer",
     "write_results",
 ]

@@ -281,6 +281,25 @@ class GenerationSettings:
     temperature: float = 0.6
     top_p: float = 0.9
 
+    @classmethod
+    def from_generation_config(cls, generation_config: Any | None, **given: Any) -> "GenerationSettings":
+        """The settings a front end uses: each of `given` (max_new_tokens, temperature, top_p: the user's flags) wins,
+        then what the checkpoint's `generation_config` (transformers `GenerationConfig`) sets, then these defaults.
+        A generation_config with `do_sample: false` means greedy (temperature 0); its `max_length` (the context
+        length in LLaMA's) is not an answer length and is not used."""
+        unknown = set(given) - {"max_new_tokens", "temperature", "top_p"}
+        if unknown:
+            raise TypeError(f"from_generation_config got unknown settings {sorted(unknown)}")
+        saved: dict[str, Any] = {}
+        if generation_config is not None:
+            saved = {name: getattr(generation_config, name, None) for name in ("max_new_tokens", "temperature",
+                                                                                 "top_p")}
+            if getattr(generation_config, "do_sample", None) is False:
+                saved["temperature"] = 0.0
+        values = {name: value for name, value in saved.items() if value is not None}
+        values.update({name: value for name, value in given.items() if value is not None})
+        return cls(**values)
+
     def generate_kwargs(self, processor: MMLlamaProcessor) -> dict[str, Any]:
         kwargs: dict[str, Any] = {
             "max_new_tokens": self.max_new_tokens,

@@ -11,7 +11,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal, Sequence
+from typing import Literal, Sequence
 
 import torch
 from transformers import AutoModelForCausalLM
@@ -109,9 +109,17 @@ def convert_checkpoint(
     output_dir: str | Path,
     *,
     mode: ConversionMode = "auto",
-    **kwargs: Any,
+    base_model: str | Path | None = None,
+    dtype: torch.dtype | str | None = None,
+    push_to_hub: str | None = None,
+    private: bool = True,
+    lora_r: int | None = None,
+    lora_alpha: float | None = None,
+    lora_dropout: float | None = None,
 ) -> tuple[str, Path]:
-    """Dispatches on the input folder: a stage-2 adapter is merged, a stage-1 model becomes a stage-2 start.
+    """Dispatches on the input folder: a stage-2 adapter is merged (`merge_lora_checkpoint` with base_model, dtype,
+    push_to_hub, private), a stage-1 model becomes a stage-2 start (`init_stage2_from_stage1` with the LoRA options;
+    unset ones are `LORA_DEFAULTS`). Options of the other mode are ignored. `dtype` may be a name ("bfloat16").
 
     Returns:
         (the mode that ran, the output folder)
@@ -129,9 +137,13 @@ def convert_checkpoint(
                 f"{input_dir} is neither a stage-2 output (adapter_config.json) nor a stage-1 output (config.json)."
             )
     if mode == "merge":
-        return mode, merge_lora_checkpoint(input_dir, output_dir, **kwargs)
+        dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
+        return mode, merge_lora_checkpoint(input_dir, output_dir, base_model=base_model, dtype=dtype,
+                                           push_to_hub=push_to_hub, private=private)
     if mode == "stage2-start":
-        return mode, init_stage2_from_stage1(input_dir, output_dir, **kwargs)
+        given = {"lora_r": lora_r, "lora_alpha": lora_alpha, "lora_dropout": lora_dropout}
+        return mode, init_stage2_from_stage1(input_dir, output_dir,
+                                             **{name: value for name, value in given.items() if value is not None})
     raise ValueError(f"Unknown mode {mode!r}; use auto, merge or stage2-start.")
 
 

@@ -35,6 +35,7 @@ from .generation import (
     MediaEmbedder,
     build_generation_inputs,
     generate,
+    infer_media_type,
     stream_in_thread,
     user_message,
 )
@@ -152,14 +153,13 @@ class WebChat:
     # -------------------------------------------------------------------------------------------------- requests
 
     def media_type(self, path: str) -> str:
-        """"image", "video" or "audio" from an uploaded file's suffix; UserInputError naming the file otherwise."""
-        suffix = Path(path).suffix.lower()
-        if suffix in VIDEO_SUFFIXES:
-            return "video"
-        if suffix in AUDIO_SUFFIXES:
-            return "audio"  # zero-shot: needs an --imagebind folder holding the audio model too
-        if suffix in self.image_suffixes:
-            return "image"
+        """"image", "video" or "audio" from an uploaded file's suffix (`infer_media_type`); UserInputError naming
+        the file otherwise. Audio is zero-shot: it needs an --imagebind folder holding the audio model too."""
+        kind = infer_media_type(path)
+        # infer_media_type calls every other suffix an image (an embedding file's marker type); an upload is decoded,
+        # so only the image formats PIL opens are accepted.
+        if kind != "image" or Path(path).suffix.lower() in self.image_suffixes:
+            return kind
         raise UserInputError(f"{Path(path).name!r} is not an image, a video or an audio file. Attach an image (.png, "
                              f".jpg, .webp, ...), a video ({', '.join(VIDEO_SUFFIXES[:3])}, ...) or audio "
                              f"({', '.join(AUDIO_SUFFIXES[:3])}, ...).")
@@ -221,7 +221,8 @@ class WebChat:
         )
 
     def respond(self, message: dict | str, history: Sequence[dict], system_prompt: str | None = None,
-                temperature: float = 0.6, top_p: float = 0.9, max_new_tokens: float = 256) -> Iterator[str | dict]:
+                temperature: float = GenerationSettings.temperature, top_p: float = GenerationSettings.top_p,
+                max_new_tokens: float = GenerationSettings.max_new_tokens) -> Iterator[str | dict]:
         """The `ChatInterface` function: yields the answer so far as it is generated, or one error message.
 
         Args:

@@ -101,7 +101,7 @@ def test_chat_answers_about_a_sound(setup, kind, capsys):
     expected = expected_answer(model, processor, [user("What do you hear?", media[kind], "audio")], [vector])
     assert cli(["chat", str(stage1), "--imagebind", str(imagebind), "--device", "cpu", "--temperature", "0",
                 "--max_new_tokens", str(MAX_NEW_TOKENS), "--prompt", "What do you hear?", "--audio",
-                str(media[kind]), "--no-stream"]) == 0
+                str(media[kind]), "--no_stream"]) == 0
     assert capsys.readouterr().out == expected + "\n"
 
 
@@ -160,8 +160,8 @@ def test_dataset_build_embeds_audio_records_and_counts_bad_audio(setup, tmp_path
     ]
     jsonl = tmp_path / "records.jsonl"
     jsonl.write_text("\n".join(json.dumps(record) for record in records) + "\n")
-    common = ["build-datasets", "--source", "records", "--json", str(jsonl), "--num-workers", "0",
-              "--validation-ratio", "0", "--no-progress"]
+    common = ["build-datasets", "--source", "records", "--json", str(jsonl), "--num_workers", "0",
+              "--validation_ratio", "0", "--no_progress"]
     assert cli([*common, "--encoder", str(imagebind), "--output", str(tmp_path / "built")]) == 0
     assert "records read: 3, written: 2" in capsys.readouterr().out
     manifest = json.loads((tmp_path / "built" / "manifest.json").read_text())

@@ -102,7 +102,7 @@ def test_interactive_without_streaming_and_reset(setup, monkeypatch, capsys):
     image, vector = embeds[1]  # a .npy file holding [1, 1024]
     monkeypatch.setattr(sys, "stdin", io.StringIO(f"/video {image}\nDescribe the video.\n/reset\nHello\n"))
     assert cli(["chat", str(stage1), "--device", "cpu", "--temperature", "0", "--max_new_tokens",
-                        str(MAX_NEW_TOKENS), "--no-stream"]) == 0
+                        str(MAX_NEW_TOKENS), "--no_stream"]) == 0
     out = capsys.readouterr().out
     expected = [
         expected_answer(model, processor, [user("Describe the video.", image, "video")], [vector]),
@@ -144,7 +144,7 @@ def test_one_shot_prompt_and_bad_media_path(setup, capsys):
     root, stage1, embeds, model, processor = setup
     image, vector = embeds[2]  # a .safetensors file
     common = [str(stage1), "--device", "cpu", "--temperature", "0", "--max_new_tokens", str(MAX_NEW_TOKENS)]
-    assert cli(["chat", *common, "--prompt", "What is this?", "--image", str(image), "--no-stream"]) == 0
+    assert cli(["chat", *common, "--prompt", "What is this?", "--image", str(image), "--no_stream"]) == 0
     expected = expected_answer(model, processor, [user("What is this?", image)], [vector])
     assert capsys.readouterr().out == expected + "\n"
     assert cli(["chat", *common, "--prompt", "What is this?", "--image", str(image), "--stream"]) == 0
@@ -217,7 +217,7 @@ def test_raw_image_through_a_standalone_imagebind_folder(setup, tmp_path, capsys
         vector = encoder.embed_images(load_image(image, 32)[None])[0]
     expected = expected_answer(model, processor, [user("What is in the image?", image)], [vector])
     common = [str(stage1), "--device", "cpu", "--temperature", "0", "--max_new_tokens", str(MAX_NEW_TOKENS),
-              "--prompt", "What is in the image?", "--image", str(image), "--no-stream"]
+              "--prompt", "What is in the image?", "--image", str(image), "--no_stream"]
     assert cli(["chat", *common, "--imagebind", str(tmp_path / "imagebind")]) == 0
     assert capsys.readouterr().out == expected + "\n"
     # Without an encoder a raw image is a clear error that names the fix.

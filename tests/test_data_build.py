@@ -326,8 +326,8 @@ def test_several_processes_build_the_same_dataset(llava_fixture, tmp_path):
     process assembles; the result matches a one-process build."""
     chat, images = llava_fixture
     script = Path(__file__).parents[1] / "scripts" / "build_datasets.py"
-    common = ["--source", "llava", "--json", str(chat), "--media-dir", str(images), "--encoder-preset", "tiny",
-              "--image-size", str(IMAGE_SIZE), "--num-workers", "0", "--shard-size", "1", "--no-progress", "--cpu"]
+    common = ["--source", "llava", "--json", str(chat), "--media_dir", str(images), "--encoder_preset", "tiny",
+              "--image_size", str(IMAGE_SIZE), "--num_workers", "0", "--shard_size", "1", "--no_progress", "--cpu"]
     env = {**os.environ, "PYTHONPATH": str(script.parents[1]), "OMP_NUM_THREADS": "1"}
     for command in (
         [sys.executable, str(script), *common, "--output", str(tmp_path / "one")],
@@ -346,9 +346,9 @@ def test_build_datasets_command_end_to_end(llava_fixture, tmp_path, capsys):
     from mm_llama.cli import main as cli
 
     chat, images = llava_fixture
-    assert cli(["build-datasets", "--source", "llava", "--json", str(chat), "--media-dir", str(images), "--encoder-preset", "tiny",
-          "--image-size", str(IMAGE_SIZE), "--output", str(tmp_path / "out"), "--num-workers", "0",
-          "--max-samples", "2", "--no-progress"]) == 0
+    assert cli(["build-datasets", "--source", "llava", "--json", str(chat), "--media_dir", str(images), "--encoder_preset", "tiny",
+          "--image_size", str(IMAGE_SIZE), "--output", str(tmp_path / "out"), "--num_workers", "0",
+          "--max_samples", "2", "--no_progress"]) == 0
     printed = capsys.readouterr().out
     assert "records read: 2, written: 2" in printed and "skipped records: 0" in printed
     assert len(load_from_disk(str(tmp_path / "out"))["train"]) == 2

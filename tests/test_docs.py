@@ -39,25 +39,30 @@ def script_command(script: str) -> str:
 
 
 def parse_mm_llama(argv: list[str], where: str) -> None:
-    """Parses `mm-llama <command> ARGS` with the command's own parser (train: the recipe parser)."""
-    from mm_llama.cli import COMMANDS
+    """Parses `mm-llama <command> ARGS` as the command does (train: the recipe parser), with the current spelling of
+    every flag (a deprecated kebab-case one fails) and every option's own checks."""
+    import contextlib
+    import io
+
+    from mm_llama.cli import COMMANDS, CommandError, parse_command
 
     name, args = argv[0], list(argv[1:])
     assert name in COMMANDS, f"{where}: unknown command {name!r}"
     if name == "train":
         parse_train(args, where)
         return
-    parser = argparse.ArgumentParser(prog=f"mm-llama {name}")
-    COMMANDS[name].build_parser(parser)
+    stderr = io.StringIO()
     if "--help" in args or "-h" in args:
-        with pytest.raises(SystemExit) as exit_:
-            parser.parse_args(args)
+        with pytest.raises(SystemExit) as exit_, contextlib.redirect_stdout(io.StringIO()):
+            parse_command(name, args)
         assert exit_.value.code == 0, where
         return
     try:
-        parser.parse_args(args)
-    except SystemExit as error:
-        pytest.fail(f"{where}: mm-llama {' '.join(argv)} does not parse ({error})")
+        with contextlib.redirect_stderr(stderr):
+            parse_command(name, args)
+    except (SystemExit, CommandError) as error:
+        pytest.fail(f"{where}: mm-llama {' '.join(argv)} does not parse ({error}; {stderr.getvalue().strip()})")
+    assert "deprecated" not in stderr.getvalue(), f"{where}: {stderr.getvalue().strip()}"
 
 
 def parse_train(args: list[str], where: str) -> None:
@@ -66,7 +71,7 @@ def parse_train(args: list[str], where: str) -> None:
 
     from mm_llama.training.arguments import parse_args
 
-    if args in (["--help-keys"], ["--help"], ["-h"]):
+    if args in (["--help_keys"], ["--help"], ["-h"]):
         return
     recipe = args[0]
     assert (REPO / recipe).is_file(), f"{where}: recipe {recipe} does not exist"

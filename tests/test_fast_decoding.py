@@ -10,7 +10,6 @@ the same full graph of the decoding step and runs it without code generation.
 
 from __future__ import annotations
 
-import argparse
 import logging
 
 import pytest
@@ -179,18 +178,21 @@ def test_decoding_options_are_validated(setup):
 
 
 def test_cli_flags_set_the_models_decoding_options(tmp_path, spm_model_path):
-    from mm_llama.cli_shared import CommandError, load_for_inference, model_arguments
+    from mm_llama.cli import parse_command
+    from mm_llama.cli_shared import CommandError, load_for_inference
 
     folder = save_stage1(tmp_path / "stage1", spm_model_path)
-    parser = argparse.ArgumentParser()
-    model_arguments(parser)
-    args = parser.parse_args([str(folder), "--device", "cpu", "--compile", "--prompt_lookup_num_tokens", "3"])
-    model, _, embedder = load_for_inference(args, with_media=False)
+
+    def load(*flags: str, with_media: bool = True):
+        args = parse_command("chat", [str(folder), "--device", "cpu", *flags])
+        return load_for_inference(args["model"], args["loading"], args["generation"], with_media=with_media)
+
+    model, _, embedder = load("--compile", "--prompt_lookup_num_tokens", "3", with_media=False)
     assert decoding_options(model) == DecodingOptions(compile=True, prompt_lookup_num_tokens=3) and embedder is None
-    model, _, _ = load_for_inference(parser.parse_args([str(folder), "--device", "cpu"]))
+    model, _, _ = load()
     assert decoding_options(model) == DecodingOptions()
     with pytest.raises(CommandError, match="--prompt_lookup_num_tokens must be >= 1"):
-        load_for_inference(parser.parse_args([str(folder), "--prompt_lookup_num_tokens", "0"]))
+        parse_command("chat", [str(folder), "--prompt_lookup_num_tokens", "0"])
 
 
 def test_4bit_model_decodes_eagerly_with_a_warning(tmp_path, spm_model_path, caplog):

@@ -165,7 +165,7 @@ def test_non_editable_install_runs_the_commands_outside_the_repository(tmp_path)
                                capture_output=True, text=True, timeout=120, check=True).stdout
     assert "demo" in help_text
     demo = subprocess.run([str(venv / "bin" / "mm-llama"), "demo", "--size", "tiny", "--steps", "2", "--output",
-                           "out", "--threads", "1", "--no-progress", "--device", "cpu"], cwd=elsewhere, env=env,
+                           "out", "--threads", "1", "--no_progress", "--device", "cpu"], cwd=elsewhere, env=env,
                           capture_output=True, text=True, timeout=1200)
     assert demo.returncode == 0, demo.stdout[-3000:] + demo.stderr[-3000:]
     assert (elsewhere / "out" / "summary.json").is_file() and (elsewhere / "out" / "mm-llama-tiny").is_dir()

@@ -168,7 +168,7 @@ def test_an_evaluating_recipe_without_a_validation_split_fails_before_the_model_
         build_trainer(*parse_args(args))
     assert str(error.value) == (
         f"The recipe evaluates (eval_strategy is not 'no') but {no_validation} has no 'validation' split. Rebuild it "
-        "with mm-llama build-datasets (its default --validation-ratio 0.05 makes one), or set eval_strategy: 'no'.")
+        "with mm-llama build-datasets (its default --validation_ratio 0.05 makes one), or set eval_strategy: 'no'.")
     with pytest.raises(FileNotFoundError, match="missing"):
         build_trainer(*parse_args(stage1_args(llama_dir, [tmp_path / "missing"], tmp_path / "out")))
 

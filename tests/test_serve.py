@@ -174,7 +174,7 @@ def test_plain_and_streamed_answers_equal_the_chat_cli(setup, server, capsys):
 
     client, image = server["client"], setup["media"]["image"]
     common = [str(setup["stage1"]), "--device", "cpu", "--temperature", "0", "--max_new_tokens", str(MAX_NEW_TOKENS),
-              "--imagebind", str(setup["imagebind"]), "--no-stream"]
+              "--imagebind", str(setup["imagebind"]), "--no_stream"]
     assert cli(["chat", *common, "--prompt", "Hello there", "--system", SYSTEM]) == 0
     text_answer = capsys.readouterr().out.rstrip("\n")
     assert cli(["chat", *common, "--prompt", QUESTION, "--image", str(image)]) == 0

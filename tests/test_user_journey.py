@@ -6,7 +6,7 @@ restated here. They run with the working directory set to a temporary project fo
 relative paths name (`recipes/` and `scripts/` from this repository; `llama-2-7b-chat/`, `cc3m/`, `coco/`, `webvid/`,
 `my_data/`, `cat.jpg`, ... as tiny stand-ins written here), so `outputs/...` and `checkpoints/...` are the docs' own
 paths. To make a command tiny and CPU-only, only documented flags are appended (`OVERRIDES`: recipe keys such as
-`--max_steps 2 --bf16 false`, accelerate's `--cpu`, build-datasets' `--num-workers 0`); `mm-llama download-imagebind`
+`--max_steps 2 --bf16 false`, accelerate's `--cpu`, build-datasets' `--num_workers 0`); `mm-llama download-imagebind`
 gets its documented `--url` with a `file://` URL of the stand-in checkpoint, as there is no network here.
 
 Each process: stdin is /dev/null (an interactive question would read EOF and fail), the environment has nothing that
@@ -66,7 +66,7 @@ TRAIN_OVERRIDES = [
     "--max_seq_len", "128", "--dtype", "float32", "--bf16", "false", "--use_cpu", "true", "--optim", "adamw_torch",
     "--dataloader_num_workers", "0", "--report_to", "none", "--disable_tqdm", "true", "--lora_r", "4",
 ]
-BUILD_OVERRIDES = ["--num-workers", "0", "--batch-size", "8", "--no-progress", "--cpu"]
+BUILD_OVERRIDES = ["--num_workers", "0", "--batch_size", "8", "--no_progress", "--cpu"]
 INFERENCE_OVERRIDES = ["--device", "cpu", "--max_new_tokens", "8"]
 ACCELERATE_OVERRIDES: list[str] = []  # inserted before the script: accelerate's own flags
 

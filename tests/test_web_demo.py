@@ -21,6 +21,7 @@ import threading
 import time
 import urllib.request
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import PIL.Image
@@ -29,7 +30,7 @@ import torch
 
 from mm_llama.cli import main as cli
 from mm_llama.generation import GenerationSettings, MediaEmbedder
-from mm_llama.web import ERROR_TITLE, GenerationCancelled, WebChat, answered_turns
+from mm_llama.web import ERROR_TITLE, GenerationCancelled, UserInputError, WebChat, answered_turns, image_suffixes
 from conftest import EXTRAS_REQUIRED, need
 from test_chat_cli import MAX_NEW_TOKENS, expected_answer, user
 from test_merge import REPO_ROOT, save_stage1
@@ -96,6 +97,15 @@ def ask(chat: WebChat, text: str, files=(), history=(), **settings):
 
 
 # ---------------------------------------------------------------------------------------------------- chat logic
+
+
+def test_upload_kinds_follow_infer_media_type_and_only_decodable_images_are_accepted():
+    chat = SimpleNamespace(image_suffixes=image_suffixes())  # media_type reads nothing else of the WebChat
+    kinds = {name: WebChat.media_type(chat, name) for name in ("clip.MP4", "talk.wav", "photo.webp", "scan.JPG")}
+    assert kinds == {"clip.MP4": "video", "talk.wav": "audio", "photo.webp": "image", "scan.JPG": "image"}
+    for name in ("notes.txt", "embedding.pt"):  # infer_media_type's default "image" is refused for an upload
+        with pytest.raises(UserInputError, match=f"'{name}' is not an image, a video or an audio file"):
+            WebChat.media_type(chat, f"/cache/{name}")
 
 
 def test_history_in_both_gradio_shapes_gives_the_answered_turns_only():

@@ -33,7 +33,9 @@ class BuildConfig:
         metadata={"help": "Fraction of records held out as the validation split (0.05 as the original MM-LLaMA; the "
                           "recipes evaluate on it); 0: no validation split."},
     )
-    seed: int = field(default=42, metadata={"help": "Seed of the train/validation split."})
+    seed: int = field(
+        default=42, metadata={"help": "Seed of the train/validation split (and of a random-init encoder preset)."}
+    )
     overwrite: bool = field(
         default=False,
         metadata={"help": "Remove an earlier build's output (finished or not) first and restart; otherwise an "

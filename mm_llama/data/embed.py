@@ -149,7 +149,7 @@ def load_encoder(path: str | None = None, preset: str | None = None, image_size:
     from mm_llama.loading import imagebind_folder
 
     if (path is None) == (preset is None):
-        raise ValueError("Pass either an encoder checkpoint folder (--encoder) or a random-init preset (--encoder-preset).")
+        raise ValueError("Pass either an encoder checkpoint folder (--encoder) or a random-init preset (--encoder_preset).")
     model_class = ImageBindVisionModel if modality == "vision" else ImageBindAudioModel
     if path is not None:
         folder = imagebind_folder(path, modality)

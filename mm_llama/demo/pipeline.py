@@ -187,7 +187,7 @@ def run_demo(config: DemoConfig, run_command: CommandRunner, reporter: Reporter 
 def _library_progress_bars_off():
     """Hides transformers' and datasets' own bars ("Loading weights", "Writing model shards", "Saving the dataset"):
     at the demo's sizes each is a flash of noise per command; the steps keep their own bars (or none with
-    --no-progress). Restores the libraries' settings afterwards."""
+    --no_progress). Restores the libraries' settings afterwards."""
     import datasets
     from transformers.utils import logging as transformers_logging
 
@@ -279,20 +279,20 @@ class _DemoRun:
     def build_datasets(self, step) -> None:
         corpus = self.paths.corpus
         builds = {
-            "cc3m": ["--source", "llava", "--json", corpus.cc3m_json, "--media-dir", corpus.cc3m_images],
-            "llava_instruct": ["--source", "llava", "--json", corpus.instruct_json, "--media-dir",
+            "cc3m": ["--source", "llava", "--json", corpus.cc3m_json, "--media_dir", corpus.cc3m_images],
+            "llava_instruct": ["--source", "llava", "--json", corpus.instruct_json, "--media_dir",
                                corpus.instruct_images],
-            "videochat": ["--source", "videochat", "--json", corpus.videochat_json, "--media-dir",
+            "videochat": ["--source", "videochat", "--json", corpus.videochat_json, "--media_dir",
                           corpus.videochat_videos],
-            "two_media": ["--source", "records", "--json", corpus.two_media_jsonl, "--media-dir", corpus.root],
+            "two_media": ["--source", "records", "--json", corpus.two_media_jsonl, "--media_dir", corpus.root],
         }
         self.summary["datasets"] = {}
         for name, source in builds.items():
             output = self.paths.dataset(name)
             run_step("build-datasets", [*source, "--encoder", self.paths.hf_imagebind, "--output", output,
-                                        "--validation-ratio", "0.05", "--seed", self.config.seed, "--batch-size", 32,
-                                        "--num-workers", self.config.num_workers, "--overwrite",
-                                        "--no-progress"], self.reporter)  # seconds each; summary lines suffice
+                                        "--validation_ratio", "0.05", "--seed", self.config.seed, "--batch_size", 32,
+                                        "--num_workers", self.config.num_workers, "--overwrite",
+                                        "--no_progress"], self.reporter)  # seconds each; summary lines suffice
             manifest = json.loads((output / "manifest.json").read_text())
             self.summary["datasets"][name] = manifest.get("counts", manifest)
             step.note(f"{name}: {_dataset_counts(output)} -> {output}")
@@ -412,7 +412,7 @@ def run_generation_eval(model_dir: Path, paths: DemoPaths, name: str, reporter: 
     output = paths.evaluation(name)
     run_step("evaluate", [model_dir, "--qa_file", paths.corpus.eval_jsonl, "--imagebind", paths.hf_imagebind,
                                "--max_new_tokens", "16", "--batch_size", "32", "--device", device,
-                               "--output", output, *([] if progress else ["--no-progress"])], reporter)
+                               "--output", output, *([] if progress else ["--no_progress"])], reporter)
     examples = json.loads(output.read_text())["generation_eval"]["examples"]
     return {example["id"]: example["prediction"] for example in examples}
 

@@ -227,7 +227,7 @@ def _check_keys(keys: Sequence[str], known: set[str], where: str) -> None:
     for key in keys:
         if key not in known:
             close = difflib.get_close_matches(key, known, n=1)
-            hint = f" (did you mean {close[0]!r}?)" if close else " (mm-llama train --help-keys lists every key)"
+            hint = f" (did you mean {close[0]!r}?)" if close else " (mm-llama train --help_keys lists every key)"
             raise UnknownKeyError(f"{where}unknown key {key!r}{hint}")
 
 

@@ -59,10 +59,10 @@ def check_datasets(data_args: DataArguments, evaluates: bool) -> None:
         raise ValueError(
             f"The recipe evaluates (eval_strategy is not 'no') but {', '.join(lacking_eval)} has no "
             f"{data_args.eval_split!r} split. Rebuild it with mm-llama build-datasets (its default "
-            "--validation-ratio 0.05 makes one), or set eval_strategy: 'no'."
+            "--validation_ratio 0.05 makes one), or set eval_strategy: 'no'."
         )
     logger.warning("Evaluating on the %r splits of the other datasets: %s has none (too small for its validation "
-                   "ratio, or built with --validation-ratio 0).", data_args.eval_split, ", ".join(lacking_eval))
+                   "ratio, or built with --validation_ratio 0).", data_args.eval_split, ", ".join(lacking_eval))
 
 
 def mix_datasets(parts: list[Dataset], weights: list[float] | None, seed: int) -> Dataset:

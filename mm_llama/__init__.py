@@ -24,14 +24,14 @@ __version__ = "0.2.0"
 
 # Public name -> the module that defines it (imported lazily, PEP 562).
 _PUBLIC_NAMES = {
-    "MMLlamaConfig": "configuration_mm_llama",
-    "MMLlamaForCausalLM": "modeling_mm_llama",
-    "MMLlamaProjector": "modeling_mm_llama",
-    "MMLlamaCausalLMOutput": "modeling_mm_llama",
-    "MMLlamaProcessor": "processing_mm_llama",
-    "MMLlamaTokenizer": "tokenization_mm_llama",
-    "MMLlamaChatPipeline": "pipeline",
-    "register_pipeline": "pipeline",
+    "MMLlamaConfig": "model.configuration_mm_llama",
+    "MMLlamaForCausalLM": "model.modeling_mm_llama",
+    "MMLlamaProjector": "model.modeling_mm_llama",
+    "MMLlamaCausalLMOutput": "model.modeling_mm_llama",
+    "MMLlamaProcessor": "model.processing_mm_llama",
+    "MMLlamaTokenizer": "model.tokenization_mm_llama",
+    "MMLlamaChatPipeline": "frontends.pipeline",
+    "register_pipeline": "frontends.pipeline",
 }
 _registered = False
 
@@ -46,11 +46,11 @@ def register_auto_classes() -> None:
     from transformers import AutoConfig, AutoModelForCausalLM, AutoProcessor, AutoTokenizer
 
     from . import imagebind  # noqa: F401  (registers the ImageBind config, model and image processor)
-    from .configuration_mm_llama import MMLlamaConfig
-    from .modeling_mm_llama import MMLlamaForCausalLM
-    from .pipeline import register_pipeline
-    from .processing_mm_llama import MMLlamaProcessor
-    from .tokenization_mm_llama import MMLlamaTokenizer
+    from .model.configuration_mm_llama import MMLlamaConfig
+    from .model.modeling_mm_llama import MMLlamaForCausalLM
+    from .frontends.pipeline import register_pipeline
+    from .model.processing_mm_llama import MMLlamaProcessor
+    from .model.tokenization_mm_llama import MMLlamaTokenizer
 
     AutoConfig.register(MMLlamaConfig.model_type, MMLlamaConfig, exist_ok=True)
     AutoModelForCausalLM.register(MMLlamaConfig, MMLlamaForCausalLM, exist_ok=True)

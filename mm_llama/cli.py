@@ -28,7 +28,7 @@ from .cli_arguments import (EPILOGS, SOURCE_KINDS, ChatArguments, ConvertImageBi
                             merge_arguments, model_argument, train_arguments)
 from .cli_shared import CommandError, check_port_available, generation_settings, load_for_inference
 from .data.build_config import BuildConfig
-from .serving import command as serve_command
+from .frontends.serving import command as serve_command
 
 INFERENCE = {"loading": ModelLoadingArguments, "generation": GenerationArguments}
 
@@ -106,7 +106,7 @@ def _run_build_datasets(build: BuildConfig, source: list[str], json: list[str], 
 
 def _run_chat(model: str, loading: ModelLoadingArguments, generation: GenerationArguments,
               chat: ChatArguments) -> int:
-    from .chat import run_chat
+    from .frontends.chat import run_chat
     from .imagebind.processing_imagebind import check_media_file
 
     if chat.media:  # fail before spending minutes loading a 7B model
@@ -123,7 +123,7 @@ def _run_web(model: str, loading: ModelLoadingArguments, generation: GenerationA
     if importlib.util.find_spec("gradio") is None:  # before minutes of model loading
         raise CommandError('gradio is not installed; the web demo needs it: pip install "mm-llama[web]"')
     check_port_available(web.host, web.port)
-    from .web import WebChat, build_app, launch
+    from .frontends.web import WebChat, build_app, launch
 
     # A long-running server keeps the embeddings of the 4096 most recently used uploads, not of every upload.
     loaded, processor, embedder = load_for_inference(model, loading, generation, cache_size=4096)

@@ -1,7 +1,7 @@
 """Evaluation: loss and next-token accuracy over a built dataset's split, and a generation eval over a JSONL of
 questions about media with reference answers (exact-match / contains-match), written as JSON.
 
-Token accuracy and answer loss are those of training (`mm_llama.loss_mm_llama`): next-token argmax accuracy and mean
+Token accuracy and answer loss are those of training (`mm_llama.model.loss_mm_llama`): next-token argmax accuracy and mean
 cross-entropy over the ANSWER tokens, the original MM-LLaMA's definition (its published validation figures: 50.7%
 after stage 1, 68.0% after stage 2).
 """
@@ -25,7 +25,7 @@ from .generation import (
     generate_batched,
     infer_media_type,
 )
-from .processing_mm_llama import MMLlamaProcessor, TrainOn
+from .model.processing_mm_llama import MMLlamaProcessor, TrainOn
 
 # Scores must be reproducible and the reference answers are short: greedy, 64 new tokens, unless told otherwise.
 EVALUATION_SETTINGS = GenerationSettings(max_new_tokens=64, temperature=0.0)
@@ -67,7 +67,7 @@ def evaluate_loss(
     truncation: str = "truncate",
 ) -> dict[str, Any]:
     """Loss, answer loss and token accuracy over a split, computed by `MMLlamaTrainer.evaluate` — the same code and
-    the same definitions as the training logs (`mm_llama.loss_mm_llama`), pooled over the whole split.
+    the same definitions as the training logs (`mm_llama.model.loss_mm_llama`), pooled over the whole split.
 
     Args:
         train_on / prompt_loss_weight / max_seq_len / truncation: as in the training recipe, so that the figures

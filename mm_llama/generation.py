@@ -35,7 +35,7 @@ from .imagebind.processing_imagebind import (
     check_media_file,
 )
 from .loading import imagebind_folder, load_imagebind
-from .processing_mm_llama import MMLlamaProcessor, Turn, normalize_conversation
+from .model.processing_mm_llama import MMLlamaProcessor, Turn, normalize_conversation
 
 EMBEDDING_SUFFIXES = (".pt", ".pth", ".bin", ".npy", ".safetensors")
 VIDEO_SUFFIXES = (".mp4", ".avi", ".mov", ".mkv", ".webm", ".m4v", ".mpg", ".mpeg", ".wmv", ".flv")

@@ -18,7 +18,7 @@ from typing import Any, Sequence
 import torch
 from torch import nn
 
-from .processing_mm_llama import MMLlamaProcessor
+from .model.processing_mm_llama import MMLlamaProcessor
 
 LANGUAGE_MODEL_PREFIX = "language_model."
 PROJECTOR_MODULE = "projector"

@@ -27,7 +27,7 @@ if TYPE_CHECKING:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from .imagebind import ImageBindVisionModel
-    from .modeling_mm_llama import MMLlamaForCausalLM
+    from .model.modeling_mm_llama import MMLlamaForCausalLM
 
 
 # ================================================================================================ tokenizer
@@ -147,8 +147,8 @@ def tiny_mm_llama(seed: int | None = 0, media_embed_dim: int = 16, text_config: 
     on the model and its language model before the weights are built."""
     import torch
 
-    from .configuration_mm_llama import MMLlamaConfig
-    from .modeling_mm_llama import MMLlamaForCausalLM
+    from .model.configuration_mm_llama import MMLlamaConfig
+    from .model.modeling_mm_llama import MMLlamaForCausalLM
 
     if seed is not None:
         torch.manual_seed(seed)

@@ -115,7 +115,7 @@ def test_a_second_media_item_on_a_later_turn_goes_in_that_turn(setup):
     """An image on turn 1, a video on turn 2 (the issue's leaking-marker case): the session's prompt has each marker
     in the turn that brought it (the ids equal the processor's, whose Meta-style ids test_processing checks), and
     the answer is the model's greedy answer to exactly that conversation with both vectors in order."""
-    from mm_llama.chat import ChatSession
+    from mm_llama.frontends.chat import ChatSession
     from mm_llama.generation import GenerationSettings, MediaEmbedder
 
     root, stage1, embeds, model, processor = setup

@@ -1,4 +1,4 @@
-"""The memory-efficient losses of mm_llama.loss_mm_llama give the full loss's sums and gradients exactly (float32)."""
+"""The memory-efficient losses of mm_llama.model.loss_mm_llama give the full loss's sums and gradients exactly (float32)."""
 
 from types import SimpleNamespace
 
@@ -7,7 +7,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from mm_llama.loss_mm_llama import (
+from mm_llama.model.loss_mm_llama import (
     chunked_token_loss_stats,
     liger_token_loss_stats,
     liger_unavailable_reason,
@@ -188,7 +188,7 @@ def test_liger_is_looked_up_in_the_real_package():
     adapter makes."""
     import inspect
 
-    from mm_llama.loss_mm_llama import _liger_fused_linear_cross_entropy
+    from mm_llama.model.loss_mm_llama import _liger_fused_linear_cross_entropy
 
     fused = _liger_fused_linear_cross_entropy()
     try:

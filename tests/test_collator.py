@@ -7,7 +7,7 @@ from datasets import Dataset
 
 from mm_llama import MMLlamaProcessor, MMLlamaTokenizer
 from mm_llama.data.collator import MMLlamaDataCollator, truncate_encoded
-from mm_llama.processing_mm_llama import IGNORE_INDEX
+from mm_llama.model.processing_mm_llama import IGNORE_INDEX
 from mm_llama.training.arguments import DataArguments
 from mm_llama.training.data import LENGTH_COLUMN, add_lengths, filter_by_length, mix_datasets, prepare_datasets
 from training_utils import MEDIA_DIM, make_dataset_folder, make_rows

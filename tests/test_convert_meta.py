@@ -290,7 +290,7 @@ def test_float16_sharded_and_bin_outputs_load(tmp_path, spm_model_path):
 def test_saved_tokenizer_encodes_like_sentencepiece(tmp_path, spm_model_path):
     from sentencepiece import SentencePieceProcessor
 
-    from mm_llama.tokenization_mm_llama import MMLlamaTokenizer
+    from mm_llama.model.tokenization_mm_llama import MMLlamaTokenizer
 
     src = write_meta_checkpoint(tmp_path / "meta", MHA_PARAMS, random_meta_weights(MHA_PARAMS), 1, spm_model_path)
     out = convert_meta_llama(src, tmp_path / "hf", progress=False)

@@ -96,7 +96,7 @@ def parse_lmms_eval(argv: list[str], where: str, monkeypatch) -> None:
     need("lmms_eval", 'pip install -e ".[eval]" (docs/benchmarks.md)')
     from lmms_eval.__main__ import parse_eval_args
 
-    from mm_llama.lmms_eval.model import MODEL_ARGS
+    from mm_llama.frontends.lmms_eval.model import MODEL_ARGS
 
     monkeypatch.setattr(sys, "argv", ["lmms_eval", *argv])
     _, args = parse_eval_args()

@@ -154,7 +154,7 @@ def test_prompt_lookup_decoding_gives_the_greedy_answer(setup):
 def test_model_options_reach_the_pipeline(setup, tmp_path, spm_model_path):
     from transformers import pipeline
 
-    from mm_llama.pipeline import TASK, register_pipeline
+    from mm_llama.frontends.pipeline import TASK, register_pipeline
 
     register_pipeline()
     folder = save_stage1(tmp_path / "stage1", spm_model_path)

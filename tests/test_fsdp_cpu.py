@@ -28,7 +28,7 @@ WORKER = textwrap.dedent('''
     from torch.distributed.fsdp import fully_shard
 
     from mm_llama.data.collator import MMLlamaDataCollator
-    from mm_llama.loss_mm_llama import LossBackend
+    from mm_llama.model.loss_mm_llama import LossBackend
     from mm_llama.training.arguments import LoraArguments, ModelArguments
     from mm_llama.training.setup import load_stage_model
 

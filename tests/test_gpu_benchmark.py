@@ -94,13 +94,13 @@ QLORA_ONLY = ["--tiny", "--stages", "qlora", "--skip_generation", "--skip_imageb
 def test_a_qlora_error_fails_the_run(gpu_train, monkeypatch):
     """Only bitsandbytes being unable to run 4-bit here skips QLoRA: a broken QLoRA set-up is an error, which makes
     `python gpu_train.py` exit non-zero (the benchmark of a QLoRA regression must not pass as "skipped")."""
-    import mm_llama.loading
+    import mm_llama.training.setup
 
     def broken(*args, **kwargs):
         raise RuntimeError("simulated QLoRA set-up regression")
 
     monkeypatch.setattr(gpu_train, "qlora_unavailable", lambda device: None)  # whatever this machine's bitsandbytes
-    monkeypatch.setattr(mm_llama.loading, "quantization_config", broken)
+    monkeypatch.setattr(mm_llama.training.setup, "quantization_config", broken)  # training's QLoRA set-up
     with pytest.raises(RuntimeError, match="simulated QLoRA set-up regression"):
         gpu_train.main(QLORA_ONLY)
 

@@ -35,12 +35,12 @@ with warnings.catch_warnings():
     from lmms_eval.evaluator import simple_evaluate
     from lmms_eval.tasks import TaskManager
 
-    from mm_llama.lmms_eval import model as plugin
-    from mm_llama.lmms_eval.model import MMLlamaLMM, cut_at_stop_sequences
+    from mm_llama.frontends.lmms_eval import model as plugin
+    from mm_llama.frontends.lmms_eval.model import MMLlamaLMM, cut_at_stop_sequences
 ImageFile.LOAD_TRUNCATED_IMAGES = PIL_LOADS_TRUNCATED_IMAGES
 
 from mm_llama.imagebind import ImageBindVisionConfig, ImageBindVisionModel, load_image, load_video
-from mm_llama.lmms_eval.cache import media_content_hash
+from mm_llama.frontends.lmms_eval.cache import media_content_hash
 from test_data_build import IMAGE_SIZE, write_image, write_video
 from test_merge import REPO_ROOT, save_stage1
 
@@ -232,7 +232,7 @@ def test_entry_point_registers_the_model():
     from lmms_eval.models import get_model
 
     points = {point.name: point.value for point in entry_points(group="lmms_eval.models")}
-    assert points.get("mm_llama") == "mm_llama.lmms_eval:manifest", (
+    assert points.get("mm_llama") == "mm_llama.frontends.lmms_eval:manifest", (
         "the lmms_eval.models entry point is missing: reinstall the package (pip install -e '.[eval]')")
     assert get_model("mm_llama") is MMLlamaLMM
 
@@ -581,7 +581,7 @@ def test_cache_keys_follow_the_encoder_and_the_content(bench, tmp_path):
     """The fingerprint changes with the weights, the dtype and the preprocessing, not with the folder the weights
     were loaded from; a damaged entry is embedded again and rewritten; equal pixels share an entry."""
     from mm_llama.imagebind import ImageBindProcessor
-    from mm_llama.lmms_eval.cache import CachedMediaEmbedder, encoder_fingerprint
+    from mm_llama.frontends.lmms_eval.cache import CachedMediaEmbedder, encoder_fingerprint
 
     encoder = ImageBindVisionModel.from_pretrained(bench["imagebind"]).eval()
     processor = ImageBindProcessor(image_size=IMAGE_SIZE)

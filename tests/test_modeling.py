@@ -7,7 +7,7 @@ from transformers import AutoModelForCausalLM, LlamaForCausalLM
 
 from remote_code import assert_remote_code_logits
 from mm_llama import MMLlamaConfig, MMLlamaForCausalLM
-from mm_llama.loss_mm_llama import LossBackend
+from mm_llama.model.loss_mm_llama import LossBackend
 from mm_llama.testing_utils import tiny_llama, tiny_llama_config, tiny_mm_llama
 
 MEDIA_DIM = 16

@@ -16,7 +16,7 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 PACKAGE = REPO / "mm_llama"
-# Top-level packages of optional extras: a module built on one (mm_llama.lmms_eval.model needs lmms_eval, the `eval`
+# Top-level packages of optional extras: a module built on one (mm_llama.frontends.lmms_eval.model needs lmms_eval, the `eval`
 # extra) may fail to import where the extra is not installed, and only with that ModuleNotFoundError.
 OPTIONAL_EXTRAS = {"lmms_eval"}
 

@@ -21,8 +21,8 @@ from mm_llama.data.packing import (
     plan_packs,
     sequence_ids,
 )
-from mm_llama.loss_mm_llama import LossBackend
-from mm_llama.processing_mm_llama import IGNORE_INDEX
+from mm_llama.model.loss_mm_llama import LossBackend
+from mm_llama.model.processing_mm_llama import IGNORE_INDEX
 from mm_llama.testing_utils import tiny_mm_llama
 
 

@@ -31,7 +31,7 @@ def test_packed_training_batches_give_the_unpacked_loss(llama_dir, dataset_dir, 
 
 
 def test_loss_chunk_size_gives_the_full_loss_through_the_trainer(llama_dir, dataset_dir, tmp_path, monkeypatch):
-    import mm_llama.loss_mm_llama as loss_module
+    import mm_llama.model.loss_mm_llama as loss_module
 
     calls = []
     chunked = loss_module.chunked_token_loss_stats

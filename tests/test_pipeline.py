@@ -10,7 +10,7 @@ import torch
 from transformers import AutoModelForCausalLM, pipeline
 
 from mm_llama import MMLlamaProcessor
-from mm_llama.pipeline import TASK, MMLlamaChatPipeline, register_pipeline
+from mm_llama.frontends.pipeline import TASK, MMLlamaChatPipeline, register_pipeline
 from test_merge import MEDIA_DIM, make_model, make_processor, save_stage1
 
 MAX_NEW_TOKENS = 10

@@ -5,7 +5,7 @@ import sentencepiece as spm
 import torch
 
 from mm_llama import MMLlamaProcessor, MMLlamaTokenizer
-from mm_llama.processing_mm_llama import IGNORE_INDEX
+from mm_llama.model.processing_mm_llama import IGNORE_INDEX
 
 # ---- An independent re-statement of Meta's llama/generation.py `chat_completion` prompt building. ----
 META_B_INST, META_E_INST = "[INST]", "[/INST]"

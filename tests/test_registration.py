@@ -26,7 +26,7 @@ def run_fresh(code: str, cwd=None) -> subprocess.CompletedProcess:
     "import mm_llama",                                         # the package alone, transformers imported later
     "import transformers; import mm_llama",                    # transformers first
     "from mm_llama.data.collator import MMLlamaDataCollator",  # a module that imports transformers while loading
-    "from mm_llama.processing_mm_llama import MMLlamaProcessor",
+    "from mm_llama.model.processing_mm_llama import MMLlamaProcessor",
 ])
 def test_every_import_order_registers_the_auto_classes(first_import):
     result = run_fresh(first_import + "\n" + CHECK_REGISTERED)

@@ -1,4 +1,4 @@
-"""`mm-llama serve` (mm_llama/serving): the OpenAI-compatible API, driven by the official `openai` client against a
+"""`mm-llama serve` (mm_llama/frontends/serving): the OpenAI-compatible API, driven by the official `openai` client against a
 live server on 127.0.0.1 with a tiny stage-1 model (no vision tower) and a tiny ImageBind (vision + audio) folder.
 
 Answers must equal `mm-llama chat --temperature 0` one-shot (the CLI itself, or its `ChatSession` for media the
@@ -63,7 +63,7 @@ def png_bytes(seed: int) -> bytes:
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory, spm_model_path):
     """Model folders, media files, and the library objects the server is built from."""
-    from mm_llama.chat import ChatSession
+    from mm_llama.frontends.chat import ChatSession
     from mm_llama.generation import GenerationSettings, MediaEmbedder
     from mm_llama.imagebind import (
         ImageBindAudioConfig,
@@ -114,9 +114,9 @@ def setup(tmp_path_factory, spm_model_path):
 @pytest.fixture(scope="module")
 def server(setup):
     """The app in-process (uvicorn in a thread) on a free port: greedy by default, API key on, small limits."""
-    from mm_llama.serving.app import ServerConfig, create_app
-    from mm_llama.serving.engine import BatchingEngine
-    from mm_llama.serving.media import MediaResolver
+    from mm_llama.frontends.serving.app import ServerConfig, create_app
+    from mm_llama.frontends.serving.engine import BatchingEngine
+    from mm_llama.frontends.serving.media import MediaResolver
 
     engine = BatchingEngine(setup["model"], setup["processor"], setup["embedder"], max_batch_size=16,
                             batch_window=0.02, max_queue=64)
@@ -315,8 +315,8 @@ def test_every_bad_input_gets_its_4xx_and_the_next_request_is_answered(setup, se
 
 
 def test_a_full_queue_answers_429(setup, server):
-    from mm_llama.serving.engine import BatchingEngine, Job
-    from mm_llama.serving.schema import ApiError
+    from mm_llama.frontends.serving.engine import BatchingEngine, Job
+    from mm_llama.frontends.serving.schema import ApiError
 
     engine = BatchingEngine(setup["model"], setup["processor"], setup["embedder"], max_queue=2)  # not started
 
@@ -380,7 +380,7 @@ def test_concurrent_requests_are_batched_and_each_answer_equals_its_own(setup, s
             return ask_streamed(client, requests[index])[0]
         return ask(client, requests[index]).choices[0].message.content
 
-    with caplog.at_level(logging.INFO, logger="mm_llama.serving"):
+    with caplog.at_level(logging.INFO, logger="mm_llama.frontends.serving"):
         with ThreadPoolExecutor(16) as pool:
             answers = list(pool.map(one, range(32)))
     assert answers == expected
@@ -393,7 +393,7 @@ def test_a_cancelled_stream_stops_its_row_and_the_batch_goes_on(setup, server, c
     client = server["client"]
     messages = [{"role": "user", "content": "Hello there"}]
     expected = ask(client, messages).choices[0].message.content
-    with caplog.at_level(logging.DEBUG, logger="mm_llama.serving"):
+    with caplog.at_level(logging.DEBUG, logger="mm_llama.frontends.serving"):
         with ThreadPoolExecutor(1) as pool:
             stream = ask(client, messages, stream=True, max_tokens=CONTEXT)
             other = pool.submit(lambda: ask(client, messages, max_tokens=MAX_NEW_TOKENS))  # usually the same batch

@@ -4,7 +4,7 @@ import pytest
 import torch
 from torch.nn import functional as F
 
-from mm_llama.processing_mm_llama import IGNORE_INDEX
+from mm_llama.model.processing_mm_llama import IGNORE_INDEX
 from mm_llama.data.collator import MMLlamaDataCollator
 from mm_llama.training import build_trainer, parse_args
 from training_utils import dataset_dir, llama_dir, single_torch_thread, stage1_args  # noqa: F401  (fixtures)

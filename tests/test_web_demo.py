@@ -1,4 +1,4 @@
-"""`mm-llama web` (mm_llama/web.py): the chat logic without a server (answers equal direct greedy generation, history
+"""`mm-llama web` (mm_llama/frontends/web.py): the chat logic without a server (answers equal direct greedy generation, history
 from both shapes Gradio passes, every kind of bad input answered in the chat, a stopped stream stops generating), two
 concurrent API conversations through a live server, and a real headless Chromium session against
 `scripts/web_demo.py`.
@@ -30,7 +30,7 @@ import torch
 
 from mm_llama.cli import main as cli
 from mm_llama.generation import GenerationSettings, MediaEmbedder
-from mm_llama.web import ERROR_TITLE, GenerationCancelled, UserInputError, WebChat, answered_turns, image_suffixes
+from mm_llama.frontends.web import ERROR_TITLE, GenerationCancelled, UserInputError, WebChat, answered_turns, image_suffixes
 from conftest import EXTRAS_REQUIRED, need
 from test_chat_cli import MAX_NEW_TOKENS, expected_answer, user
 from test_merge import REPO_ROOT, save_stage1
@@ -254,7 +254,7 @@ def test_two_concurrent_api_conversations_each_get_their_own_answers_one_generat
                                                                                                 tmp_path):
     need("gradio", 'pip install "mm-llama[web]"')
     gradio_client = need("gradio_client", 'pip install "mm-llama[web]"')
-    from mm_llama.web import build_app, launch
+    from mm_llama.frontends.web import build_app, launch
 
     monkeypatch.setenv("GRADIO_TEMP_DIR", str(tmp_path / "gradio"))
     model = setup["model"]

@@ -320,7 +320,7 @@ def convert_meta_llama(
     """
     from transformers import GenerationConfig
 
-    from mm_llama.tokenization_mm_llama import MMLlamaTokenizer
+    from mm_llama.model.tokenization_mm_llama import MMLlamaTokenizer
 
     torch_dtype = resolve_dtype(dtype, torch.device("cpu"))
     input_dir, output_dir = Path(input_dir), Path(output_dir)

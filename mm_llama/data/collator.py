@@ -15,7 +15,7 @@ from typing import Any, Iterable, Literal, Sequence
 import numpy as np
 import torch
 
-from ..processing_mm_llama import IGNORE_INDEX, EncodedConversation, MMLlamaProcessor, TrainOn
+from ..model.processing_mm_llama import IGNORE_INDEX, EncodedConversation, MMLlamaProcessor, TrainOn
 
 TruncationPolicy = Literal["drop", "truncate"]
 TRUNCATION_POLICIES = ("drop", "truncate")

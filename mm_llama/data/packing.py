@@ -37,7 +37,7 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
-from ..processing_mm_llama import IGNORE_INDEX, EncodedConversation
+from ..model.processing_mm_llama import IGNORE_INDEX, EncodedConversation
 
 PackingMethod = Literal["best_fit_decreasing", "greedy"]
 PACKING_METHODS = ("best_fit_decreasing", "greedy")

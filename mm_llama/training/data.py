@@ -10,7 +10,7 @@ from datasets import Dataset, DatasetDict
 
 from ..data.collator import conversation_lengths
 from ..data.packing import PackedDataset
-from ..processing_mm_llama import MMLlamaProcessor
+from ..model.processing_mm_llama import MMLlamaProcessor
 from .arguments import DataArguments
 
 logger = logging.getLogger(__name__)

@@ -10,10 +10,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..configuration_mm_llama import MMLlamaConfig
+from ..model.configuration_mm_llama import MMLlamaConfig
 from ..loading import PROJECTOR_MODULE, load_processor, lora_config, quantization_config
-from ..modeling_mm_llama import MMLlamaForCausalLM
-from ..processing_mm_llama import MMLlamaProcessor
+from ..model.modeling_mm_llama import MMLlamaForCausalLM
+from ..model.processing_mm_llama import MMLlamaProcessor
 from .arguments import LoraArguments, ModelArguments
 
 logger = logging.getLogger(__name__)
@@ -71,7 +71,7 @@ def load_stage_model(
     if model_args.stage == 1:
         model = _load_stage1_model(model_args, gradient_checkpointing)
     else:
-        model = _load_stage2_model(model_args, lora_args, gradient_checkpointing, gradient_checkpointing_kwargs)
+        model = load_stage2_model(model_args, lora_args, gradient_checkpointing, gradient_checkpointing_kwargs)
 
     processor_path = model_args.processor_name_or_path or path
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
@@ -114,10 +114,10 @@ def _load_stage1_model(model_args: ModelArguments, gradient_checkpointing: bool)
     return model
 
 
-def _load_stage2_model(model_args: ModelArguments, lora_args: LoraArguments | None, gradient_checkpointing: bool,
+def load_stage2_model(model_args: ModelArguments, lora_args: LoraArguments | None, gradient_checkpointing: bool,
                        gradient_checkpointing_kwargs: dict[str, Any] | None) -> nn.Module:
     """Stage 2's model: the stage-1 folder, optionally in 4 bit, in a PEFT LoRA model that trains the projector in
-    full (`modules_to_save`)."""
+    full (`modules_to_save`). Public for the GPU benchmark, which measures exactly what training sets up."""
     path = model_args.model_name_or_path
     if _model_type(path) != MMLlamaConfig.model_type:
         raise ValueError(

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 from transformers import PrinterCallback, ProgressCallback, Trainer, TrainerCallback
 
-from ..loss_mm_llama import LossBackend
+from ..model.loss_mm_llama import LossBackend
 from .setup import optimizer_param_groups
 
 TRAINABLE_WEIGHTS_NAME = "trainable_weights.safetensors"
@@ -126,7 +126,7 @@ class MMLlamaTrainer(Trainer):
     - `token_accuracy` (next-token argmax accuracy on ANSWER tokens, the original MM-LLaMA's definition) and
       `answer_loss` (mean CE on answer tokens) are logged next to `loss`, from the model's sums over accumulation
       steps, logging interval and processes; `eval_token_accuracy` / `eval_answer_loss` likewise, pooled over the
-      whole eval set (see `mm_llama.loss_mm_llama`).
+      whole eval set (see `mm_llama.model.loss_mm_llama`).
     - `projector_learning_rate` (MMLlamaTrainingArguments) gives the projector its own parameter groups.
     - `save_trainable_only`: checkpoints of a model with frozen weights and no PEFT wrapper (stage 1) hold only the
       trainable parameters (`trainable_weights.safetensors`) besides optimizer / scheduler / RNG / trainer state;

@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from mm_llama.cli import DTYPE_CHOICES
+from mm_llama.cli_arguments import DTYPE_CHOICES
 from mm_llama.loading import resolve_dtype
 from mm_llama.imagebind import ImageBindVisionConfig, ImageBindVisionModel, load_image, load_video
 

@@ -261,11 +261,11 @@ def stage_runs(args, device: torch.device, dtype: torch.dtype, peak: float | Non
                results: dict[str, Any], save: Callable[[], None]) -> None:
     """Stage 1, generation, stage 2 LoRA, stage 2 QLoRA, on one random model (saved once for the 4-bit load), each
     result put into `results` and `save()`d as soon as it is measured (a run stopped midway keeps what it measured)."""
-    from peft import get_peft_model, prepare_model_for_kbit_training
+    from peft import get_peft_model
 
-    from mm_llama import MMLlamaForCausalLM
-    from mm_llama.loading import lora_config, quantization_config
-    from mm_llama.training.setup import freeze_for_stage1, upcast_trainable
+    from mm_llama.loading import lora_config
+    from mm_llama.training.arguments import LoraArguments, ModelArguments
+    from mm_llama.training.setup import freeze_for_stage1, load_stage2_model, upcast_trainable
 
     shapes = [(2, 64), (1, 64)] if args.tiny else [(8, 512), (1, 512)]
     common = dict(device=device, steps=args.steps, warmup=args.warmup, peak_tflops=peak,
@@ -296,13 +296,12 @@ def stage_runs(args, device: torch.device, dtype: torch.dtype, peak: float | Non
 
     if "qlora" in args.stages:
         def qlora() -> dict[str, Any]:
-            target = torch.cuda.current_device() if device.type == "cuda" else "cpu"
-            quantized = MMLlamaForCausalLM.from_pretrained(folder, dtype=torch.bfloat16, device_map={"": target},
-                                                           quantization_config=quantization_config("bfloat16"))
-            quantized = prepare_model_for_kbit_training(quantized, use_gradient_checkpointing=True,
-                                                        gradient_checkpointing_kwargs={"use_reentrant": False})
-            quantized = get_peft_model(quantized, lora_config(quantized))
-            upcast_trainable(quantized)
+            # Exactly what `mm-llama train recipes/stage2_qlora.yaml` sets up: nf4 + double quant, bf16 compute,
+            # k-bit preparation with checkpointing, the recipes' LoRA, trainable parameters in fp32.
+            model_args = ModelArguments(model_name_or_path=str(folder), stage=2, dtype="bfloat16", load_in_4bit=True,
+                                        bnb_4bit_compute_dtype="bfloat16", upcast_trainable_params=True)
+            quantized = load_stage2_model(model_args, LoraArguments(), gradient_checkpointing=True,
+                                          gradient_checkpointing_kwargs={"use_reentrant": False})
             return measure_training(quantized, paged_adamw(quantized, device), shapes, projector_trainable=True,
                                     **common)
 

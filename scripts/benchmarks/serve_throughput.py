@@ -44,7 +44,7 @@ def build_stand_in(folder: Path, hidden_size: int, layers: int, seed: int = 0) -
         tiny_mm_llama,
         train_tiny_tokenizer,
     )
-    from mm_llama.tokenization_mm_llama import MMLlamaTokenizer
+    from mm_llama.model.tokenization_mm_llama import MMLlamaTokenizer
 
     tokenizer_model = train_tiny_tokenizer(folder / "tokenizer")
     heads = max(1, hidden_size // 64)

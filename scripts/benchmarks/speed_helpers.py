@@ -16,7 +16,7 @@ from typing import Any
 import torch
 
 import mm_llama
-from mm_llama.loss_mm_llama import LossBackend
+from mm_llama.model.loss_mm_llama import LossBackend
 
 
 def _sync() -> None:
@@ -198,7 +198,7 @@ def loss_step_peak_memory(chunk_size: int | None, num_positions: int, hidden_siz
     code = f"""
 import json, os, resource, torch
 from torch import nn
-from mm_llama.loss_mm_llama import token_loss_stats
+from mm_llama.model.loss_mm_llama import token_loss_stats
 torch.set_num_threads(1)
 
 def peak_rss_kib():

@@ -22,8 +22,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from urllib.parse import unquote, urlparse
 
-from ..generation import MediaEmbedder
-from ..imagebind.processing_imagebind import MediaLoadError
+from ...generation import MediaEmbedder
+from ...imagebind.processing_imagebind import MediaLoadError
 from .schema import (
     ApiError,
     ImageURLPart,

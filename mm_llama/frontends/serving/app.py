@@ -25,7 +25,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from ..generation import GenerationSettings, build_generation_inputs
+from ...generation import GenerationSettings, build_generation_inputs
 from .engine import BatchingEngine, Job
 from .media import MediaResolver
 from .schema import (
@@ -36,7 +36,7 @@ from .schema import (
     completion_response,
 )
 
-logger = logging.getLogger("mm_llama.serving")
+logger = logging.getLogger("mm_llama.frontends.serving")
 DISCONNECT_POLL_S = 0.25  # how often a waiting non-streamed request checks that its client is still there
 
 

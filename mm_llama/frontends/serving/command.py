@@ -6,7 +6,7 @@ import argparse
 import os
 from dataclasses import dataclass, field
 
-from ..cli_arguments import GenerationArguments, ModelLoadingArguments
+from ...cli_arguments import GenerationArguments, ModelLoadingArguments
 
 API_KEY_ENV = "MM_LLAMA_API_KEY"
 
@@ -63,7 +63,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _check(serve: ServeArguments, generation: GenerationArguments, allowed_media_dir: list[str]) -> None:
-    from ..cli_shared import CommandError
+    from ...cli_shared import CommandError
 
     if generation.temperature is not None and generation.temperature > 2:  # OpenAI's range
         raise CommandError("--temperature must be between 0 and 2", 2)
@@ -79,7 +79,7 @@ def run(model: str, loading: ModelLoadingArguments, generation: GenerationArgume
     import logging
     from pathlib import Path
 
-    from ..cli_shared import CommandError, check_port_available, generation_settings, load_for_inference
+    from ...cli_shared import CommandError, check_port_available, generation_settings, load_for_inference
 
     model_path = model  # the name `model` is the loaded model below
     _check(serve, generation, allowed_media_dir)
@@ -107,7 +107,7 @@ def run(model: str, loading: ModelLoadingArguments, generation: GenerationArgume
                             serve.max_queue or None)
     resolver = MediaResolver(embedder, allowed_media_dir, int(serve.max_media_mb * 2**20))
     app = create_app(engine, resolver, config)
-    logging.getLogger("mm_llama.serving").info(
+    logging.getLogger("mm_llama.frontends.serving").info(
         "serving %r on http://%s:%d/v1 (max_batch_size %d, api key %s)", config.model_name, serve.host, serve.port,
         serve.max_batch_size, "required" if config.api_key else "off")
     # access_log off: the app logs one line per request itself, with its tokens and latency.

@@ -11,10 +11,10 @@ from typing import Callable, Iterable, TextIO
 
 import torch
 
-from .cli_arguments import ChatArguments
+from ..cli_arguments import ChatArguments
 
-from .data.sources import iter_jsonl
-from .generation import (
+from ..data.sources import iter_jsonl
+from ..generation import (
     GenerationSettings,
     MediaEmbedder,
     build_generation_inputs,
@@ -24,8 +24,8 @@ from .generation import (
     stream,
     user_message,
 )
-from .imagebind.processing_imagebind import MediaLoadError
-from .processing_mm_llama import MMLlamaProcessor
+from ..imagebind.processing_imagebind import MediaLoadError
+from ..model.processing_mm_llama import MMLlamaProcessor
 
 MEDIA_COMMANDS = ("/image", "/video", "/audio")
 

@@ -3,14 +3,14 @@
     python -m lmms_eval --model mm_llama --model_args pretrained=FOLDER,imagebind=IMAGEBIND_FOLDER --tasks pope
 
 lmms-eval finds the model through the `lmms_eval.models` entry point (setup.cfg), which names `manifest` below.
-This module imports nothing from lmms-eval or torch at import time; `mm_llama.lmms_eval.model` holds the model and
-`mm_llama.lmms_eval.cache` the on-disk embedding cache (which needs no lmms-eval).
+This module imports nothing from lmms-eval or torch at import time; `mm_llama.frontends.lmms_eval.model` holds the model and
+`mm_llama.frontends.lmms_eval.cache` the on-disk embedding cache (which needs no lmms-eval).
 """
 
 from __future__ import annotations
 
 MODEL_ID = "mm_llama"
-MODEL_CLASS_PATH = "mm_llama.lmms_eval.model.MMLlamaLMM"
+MODEL_CLASS_PATH = "mm_llama.frontends.lmms_eval.model.MMLlamaLMM"
 
 
 def manifest():

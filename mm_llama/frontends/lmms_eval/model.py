@@ -30,12 +30,12 @@ from lmms_eval.api.model import lmms
 from lmms_eval.utils import simple_parse_args_string
 from tqdm.auto import tqdm
 
-from ..generation import (DecodingOptions, GenerationSettings, generate_batched, infer_media_type, prompt_conversation,
+from ...generation import (DecodingOptions, GenerationSettings, generate_batched, infer_media_type, prompt_conversation,
                           set_decoding_options)
-from ..imagebind.processing_imagebind import MediaLoadError
-from ..loading import load_model
-from ..loss_mm_llama import LossBackend
-from ..processing_mm_llama import IGNORE_INDEX
+from ...imagebind.processing_imagebind import MediaLoadError
+from ...loading import load_model
+from ...model.loss_mm_llama import LossBackend
+from ...model.processing_mm_llama import IGNORE_INDEX
 from .cache import CachedMediaEmbedder, default_cache_dir
 from .scoring import RIGHT_CHOICE_WITHOUT_MEDIA, Score, loss_score, task_of, unusable_media_score
 

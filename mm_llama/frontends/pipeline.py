@@ -26,7 +26,7 @@ import torch
 from transformers import AutoModelForCausalLM, GenerationConfig, Pipeline
 from transformers.pipelines import PIPELINE_REGISTRY
 
-from .generation import (
+from ..generation import (
     DecodingOptions,
     MediaEmbedder,
     build_generation_inputs,

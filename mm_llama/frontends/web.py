@@ -12,7 +12,7 @@ Design (what the peers' demos got wrong, and what this one does instead):
     a `metadata` title, which Gradio shows as a titled box). The turn it answers is left out of later prompts, so
     the next message works.
 
-Conversation semantics are `mm_llama.chat.ChatSession`'s: one image, video or audio file per user turn (audio is
+Conversation semantics are `mm_llama.frontends.chat.ChatSession`'s: one image, video or audio file per user turn (audio is
 zero-shot, through an --imagebind folder that holds the audio model), each media marker in the turn that brought it,
 earlier answers in the prompt. This module imports gradio only in `build_app`, so the chat logic (`WebChat`) is usable
 and testable without it.
@@ -28,7 +28,7 @@ from typing import Any, Iterator, Sequence
 
 import torch
 
-from .generation import (
+from ..generation import (
     AUDIO_SUFFIXES,
     VIDEO_SUFFIXES,
     GenerationSettings,
@@ -39,8 +39,8 @@ from .generation import (
     stream_in_thread,
     user_message,
 )
-from .imagebind.processing_imagebind import MediaLoadError
-from .processing_mm_llama import MMLlamaProcessor
+from ..imagebind.processing_imagebind import MediaLoadError
+from ..model.processing_mm_llama import MMLlamaProcessor
 
 logger = logging.getLogger(__name__)
 

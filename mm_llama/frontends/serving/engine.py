@@ -33,13 +33,13 @@ from typing import Any
 import torch
 from transformers import StoppingCriteria
 
-from ..generation import (
+from ...generation import (
     GenerationSettings,
     MediaEmbedder,
     build_generation_inputs,
     generate,
 )
-from ..processing_mm_llama import MMLlamaProcessor
+from ...model.processing_mm_llama import MMLlamaProcessor
 from .schema import ApiError
 
 logger = logging.getLogger(__name__)

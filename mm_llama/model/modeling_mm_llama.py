@@ -340,7 +340,7 @@ class MMLlamaForCausalLM(MMLlamaPreTrainedModel, GenerationMixin):
         replaced = {"logits_for_labels_only", "loss_chunk_size", "use_liger_loss"} & kwargs.keys()
         if replaced:
             raise TypeError(f"MMLlamaForCausalLM.forward no longer takes {sorted(replaced)}: pass "
-                            "loss_backend=LossBackend(chunk_size=..., use_liger=...) from mm_llama.loss_mm_llama.")
+                            "loss_backend=LossBackend(chunk_size=..., use_liger=...) from mm_llama.model.loss_mm_llama.")
         inputs_embeds = self._embed_inputs(input_ids, inputs_embeds, media_embeds, pixel_values, video_pixel_values,
                                           media_type_ids, decoding=cache is not None)
         if labels is not None and use_cache is None:

@@ -30,9 +30,9 @@ import numpy as np
 import PIL.Image
 import torch
 
-from ..data.embed import encoder_description
-from ..generation import MediaEmbedder
-from ..imagebind.processing_imagebind import MediaLoadError
+from ...data.embed import encoder_description
+from ...generation import MediaEmbedder
+from ...imagebind.processing_imagebind import MediaLoadError
 
 CACHE_ENV = "MM_LLAMA_EMBEDDING_CACHE"
 _HASH_CHUNK = 1 << 20

@@ -92,6 +92,9 @@ def measure_route(model: torch.nn.Module, route: str, batch_size: int, args: arg
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tiny", action="store_true", help="the tiny launch-bound model (default off a GPU)")
+    parser.add_argument("--num_layers", type=int, default=None,
+                        help="the model's depth (default: 2 for --tiny, 32 for LLaMA-2-7B shapes); the CPU figure of "
+                             "docs/generation.md uses --tiny --num_layers 32, where per-layer launch costs dominate")
     parser.add_argument("--device", default=None, help="default: cuda when present, else cpu")
     parser.add_argument("--batch_sizes", type=int, nargs="+", default=[1, 8, 32])
     parser.add_argument("--routes", nargs="+", choices=ROUTES, default=list(ROUTES))
@@ -106,14 +109,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if args.threads:
         torch.set_num_threads(args.threads)
     dtype = torch.float32 if device.type == "cpu" else torch.bfloat16
-    model = build_model(tiny, device, dtype).eval()
+    model = build_model(tiny, device, dtype, args.num_layers).eval()
     # The builder's config is a training one (use_cache False); decoding uses the KV cache.
     model.config.text_config.use_cache = model.generation_config.use_cache = True
     model.generation_config.eos_token_id = 2
     results: dict[str, Any] = {
         "date": date.today().isoformat(), "device": torch.cuda.get_device_name(device) if device.type == "cuda"
         else f"{platform.processor() or platform.machine()} CPU, {torch.get_num_threads()} threads",
-        "model": "tiny (2 layers, hidden 64)" if tiny else "LLaMA-2-7B shapes (random weights)", "dtype": str(dtype),
+        "model": f"{'tiny, hidden 64' if tiny else 'LLaMA-2-7B shapes (random weights)'}, "
+                 f"{model.config.text_config.num_hidden_layers} layers", "dtype": str(dtype),
         "torch": torch.__version__, "prompt_length": args.prompt_length, "new_tokens": args.new_tokens, "runs": {}}
     for batch_size in args.batch_sizes:
         reference = None

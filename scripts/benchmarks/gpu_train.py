@@ -80,8 +80,8 @@ def peak_bf16_tflops(device_name: str) -> float | None:
 # ---------------------------------------------------------------- shapes
 
 
-def llama_config(tiny: bool):
-    """LLaMA-2-7B's `LlamaConfig` (or a toy one with the same structure)."""
+def llama_config(tiny: bool, num_layers: int | None = None):
+    """LLaMA-2-7B's `LlamaConfig` (or a toy one with the same structure); `num_layers` overrides the depth."""
     from transformers import LlamaConfig
 
     if tiny:
@@ -90,6 +90,8 @@ def llama_config(tiny: bool):
     else:
         sizes = dict(vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
                      num_attention_heads=32, num_key_value_heads=32)
+    if num_layers is not None:
+        sizes["num_hidden_layers"] = num_layers
     return LlamaConfig(**sizes, max_position_embeddings=4096, rms_norm_eps=1e-5, bos_token_id=1, eos_token_id=2,
                        pad_token_id=None, tie_word_embeddings=False, use_cache=False)
 
@@ -246,11 +248,11 @@ def qlora_unavailable(device: torch.device) -> str | None:
     return None
 
 
-def build_model(tiny: bool, device: torch.device, dtype: torch.dtype):
+def build_model(tiny: bool, device: torch.device, dtype: torch.dtype, num_layers: int | None = None):
     """A random-init MMLlamaForCausalLM (LLaMA-2-7B + linear projector, or the toy version) on `device`."""
     from mm_llama import MMLlamaConfig, MMLlamaForCausalLM
 
-    config = MMLlamaConfig(text_config=llama_config(tiny), media_embed_dim=media_dim(tiny), projector_type="linear")
+    config = MMLlamaConfig(text_config=llama_config(tiny, num_layers), media_embed_dim=media_dim(tiny), projector_type="linear")
     torch.manual_seed(0)
     with torch.device(device):
         model = MMLlamaForCausalLM._from_config(config, dtype=dtype)

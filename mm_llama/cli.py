@@ -11,6 +11,7 @@ Flags are snake_case; a kebab-case spelling still works for one release, with a 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import difflib
 import json
@@ -23,12 +24,13 @@ from typing import Any, Callable, Sequence
 
 from .cli_arguments import (EPILOGS, SOURCE_KINDS, ChatArguments, ConvertImageBindArguments, ConvertMetaArguments,
                             DemoArguments, DownloadImageBindArguments, DownloadWebvidArguments, EvaluateArguments,
-                            GenerationArguments, MergeArguments, ModelLoadingArguments, WebArguments,
+                            GenerationArguments, MergeArguments, ModelLoadingArguments, ProgressArguments, WebArguments,
                             add_dataclass_arguments, build_datasets_arguments, deprecated_spellings_rewritten,
                             merge_arguments, model_argument, train_arguments)
 from .cli_shared import CommandError, check_port_available, generation_settings, load_for_inference
 from .data.build_config import BuildConfig
 from .frontends.serving import command as serve_command
+from .progress import progress_bars
 
 INFERENCE = {"loading": ModelLoadingArguments, "generation": GenerationArguments}
 
@@ -46,6 +48,13 @@ class Command:
     # file may give); `run` gets them as `argv`, and the parser only answers --help.
     own_arguments: bool = False
     epilog: str | None = None  # examples after the options; default: cli_arguments.EPILOGS[name]
+    # The command draws progress bars: it takes ProgressArguments (`--no_progress`), which run_command applies to
+    # mm_llama.progress's switch for the command's duration, so the run function and the library take no flag.
+    progress_bars: bool = False
+
+    def all_options(self) -> dict[str, type]:
+        """`options`, and `progress` (ProgressArguments) for a command that draws bars."""
+        return {**self.options, **({"progress": ProgressArguments} if self.progress_bars else {})}
 
 
 # ---------------------------------------------------------------------------------------------------- train
@@ -194,8 +203,7 @@ def _run_merge(input_dir: str, output_dir: str, options: MergeArguments) -> int:
 def _run_download_imagebind(options: DownloadImageBindArguments) -> int:
     from .imagebind.download_imagebind import IMAGEBIND_HUGE_URL, download_imagebind_checkpoint
 
-    path = download_imagebind_checkpoint(options.output, options.url or IMAGEBIND_HUGE_URL, timeout=options.timeout,
-                                         progress=options.progress)
+    path = download_imagebind_checkpoint(options.output, options.url or IMAGEBIND_HUGE_URL, timeout=options.timeout)
     print(f"Saved {path}")
     return 0
 
@@ -232,7 +240,7 @@ def _run_demo(options: DemoArguments) -> int:
     if options.threads is not None:
         torch.set_num_threads(options.threads)
     config = DemoConfig(output=options.output, size=options.size, steps=options.steps, device=options.device,
-                        seed=options.seed, progress=options.progress, num_workers=options.num_workers)
+                        seed=options.seed, num_workers=options.num_workers)
     try:
         run_demo(config, run_command)
     except StepError as error:
@@ -247,7 +255,7 @@ COMMANDS: dict[str, Command] = {
                      add_arguments=train_arguments, own_arguments=True),
     "build-datasets": Command("Embed the media of LLaVA / VideoChat / JSONL sources with ImageBind into Arrow "
                               "datasets (resumable).", _run_build_datasets, {"build": BuildConfig},
-                              build_datasets_arguments),
+                              build_datasets_arguments, progress_bars=True),
     "chat": Command("Chat with a model: interactive, one-shot, or a batch file.", _run_chat,
                     {**INFERENCE, "chat": ChatArguments}, model_argument),
     "web": Command("Browser chat demo (Gradio): one process, streamed answers, a queue for concurrent users.",
@@ -256,19 +264,19 @@ COMMANDS: dict[str, Command] = {
                      serve_command.run, {**INFERENCE, "serve": serve_command.ServeArguments},
                      serve_command.add_arguments, epilog=serve_command.EPILOG),
     "evaluate": Command("Loss / answer-token accuracy on a dataset split, and generation QA.", _run_evaluate,
-                        {**INFERENCE, "evaluate": EvaluateArguments}, model_argument),
+                        {**INFERENCE, "evaluate": EvaluateArguments}, model_argument, progress_bars=True),
     "convert-meta": Command("Meta LLaMA-2 checkpoint (consolidated.*.pth) -> Hugging Face LLaMA folder.",
-                            _run_convert_meta, {"options": ConvertMetaArguments}),
+                            _run_convert_meta, {"options": ConvertMetaArguments}, progress_bars=True),
     "convert-imagebind": Command("Meta's imagebind_huge.pth -> ImageBind vision model folder (safetensors).",
                                  _run_convert_imagebind, {"options": ConvertImageBindArguments}),
     "merge": Command("Merge a stage-2 LoRA adapter into one model folder (or start stage 2 from stage 1).",
                      _run_merge, {"options": MergeArguments}, merge_arguments),
     "download-imagebind": Command("Download Meta's imagebind_huge.pth (resumable).", _run_download_imagebind,
-                                  {"options": DownloadImageBindArguments}),
+                                  {"options": DownloadImageBindArguments}, progress_bars=True),
     "download-webvid": Command("Download the WebVid videos that VideoChat-11K uses (resumable).",
-                               _run_download_webvid, {"options": DownloadWebvidArguments}),
+                               _run_download_webvid, {"options": DownloadWebvidArguments}, progress_bars=True),
     "demo": Command("The built-in demo: the whole pipeline on tiny stand-ins, on a CPU, no downloads.", _run_demo,
-                    {"options": DemoArguments}),
+                    {"options": DemoArguments}, progress_bars=True),
 }
 
 
@@ -291,7 +299,7 @@ def build_parser(name: str) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog=f"mm-llama {name}", description=command.summary,
                                      epilog=command.epilog or EPILOGS.get(name),
                                      formatter_class=_HelpFormatter)
-    for options in command.options.values():
+    for options in command.all_options().values():
         add_dataclass_arguments(parser, options)
     if command.add_arguments is not None:
         command.add_arguments(parser)
@@ -300,7 +308,8 @@ def build_parser(name: str) -> argparse.ArgumentParser:
 
 def parse_command(name: str, argv: Sequence[str]) -> dict[str, Any]:
     """`argv` parsed for `mm-llama <name>`: the run function's keyword arguments (each option dataclass built from
-    its flags). Kebab-case spellings are accepted with a deprecation line; bad values raise CommandError (status 2)."""
+    its flags), and `progress` (ProgressArguments) for a command that draws bars. Kebab-case spellings are accepted
+    with a deprecation line; bad values raise CommandError (status 2)."""
     parser = build_parser(name)
     if COMMANDS[name].own_arguments:
         if not argv or argv[0] in ("-h", "--help"):
@@ -308,7 +317,7 @@ def parse_command(name: str, argv: Sequence[str]) -> dict[str, Any]:
         return {"argv": list(argv)}
     namespace = vars(parser.parse_args(deprecated_spellings_rewritten(argv, _option_strings(parser))))
     try:
-        for key, options in COMMANDS[name].options.items():
+        for key, options in COMMANDS[name].all_options().items():
             names = [item.name for item in dataclasses.fields(options) if item.init]
             namespace[key] = options(**{item: namespace.pop(item) for item in names})
     except ValueError as error:  # a dataclass's __post_init__ check: the user's value
@@ -331,8 +340,13 @@ def run_command(name: str, argv: Sequence[str]) -> int:
     logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
     try:
         arguments = parse_command(name, list(argv))  # --help and argument errors exit here, fast
+        progress = arguments.pop("progress", None)
+        # --no_progress: no bar during this command; otherwise the switch stays as the caller (or the environment
+        # variable) left it. Restored afterwards: the demo and tests run commands in-process.
+        bars = progress_bars(False) if progress is not None and not progress.progress else contextlib.nullcontext()
         try:
-            return COMMANDS[name].run(**arguments)
+            with bars:
+                return COMMANDS[name].run(**arguments)
         except (FileNotFoundError, ValueError, OSError) as error:  # MediaLoadError is a ValueError
             raise CommandError(str(error)) from error
     except CommandError as error:

@@ -122,6 +122,15 @@ class WebArguments:
 
 
 @dataclass
+class ProgressArguments:
+    """The one progress switch of the commands that draw bars (build-datasets, evaluate, convert-meta, the downloads,
+    demo): `--no_progress` turns mm_llama.progress's switch off for the command, so every bar (MM-LLaMA's,
+    transformers', datasets', huggingface_hub's) is hidden and only the summaries are printed."""
+
+    progress: bool = field(default=True, **_help("progress bars (--no_progress: summaries only)"))
+
+
+@dataclass
 class EvaluateArguments:
     output: str = field(metadata={"help": "JSON file to write"})
     dataset: str | None = field(default=None, **_help("built dataset folder for loss / token accuracy"))
@@ -137,7 +146,6 @@ class EvaluateArguments:
     system: str | None = field(default=None, **_help("system prompt for the generation eval"))
     batch_size: int = field(default=8, **_help("examples per batch"))
     max_examples: int | None = field(default=None, **_help("evaluate only the first N examples"))
-    progress: bool = field(default=True, **_help("progress bars"))
 
     def __post_init__(self) -> None:
         if not self.dataset and not self.qa_file:
@@ -155,7 +163,6 @@ class ConvertMetaArguments:
     max_position_embeddings: int = field(default=4096, **_help(
         "context length (not stored in params.json; LLaMA-2: 4096)"))
     safe_serialization: bool = field(default=True, **_help("safetensors (--no_safe_serialization: PyTorch .bin)"))
-    progress: bool = field(default=True, **_help("progress bar"))
 
 
 @dataclass
@@ -196,7 +203,6 @@ class DownloadImageBindArguments:
     output: str = field(default="imagebind_huge.pth", **_help("destination file"))
     url: str | None = field(default=None, **_help("source URL (default: Meta's public URL, about 4.5 GB)"))
     timeout: float = field(default=30.0, **_help("network timeout in seconds"))
-    progress: bool = field(default=True, **_help("progress bar"))
 
 
 @dataclass
@@ -227,7 +233,6 @@ class DemoArguments:
         "PyTorch CPU threads (default: PyTorch's choice). On a machine shared with other jobs, --threads 1 avoids "
         "threads waiting on each other and can be many times faster"))
     num_workers: int = field(default=2, **_help("decoding processes of build-datasets"))
-    progress: bool = field(default=True, **_help("progress bars (--no_progress: summaries only)"))
 
 
 # ------------------------------------------------------------------------- arguments that are not fields
@@ -379,5 +384,5 @@ __all__ = [
     "model_argument", "train_arguments",
     "ChatArguments", "ConvertImageBindArguments", "ConvertMetaArguments", "DTYPE_CHOICES", "DemoArguments",
     "DownloadImageBindArguments", "DownloadWebvidArguments", "EvaluateArguments", "GenerationArguments",
-    "MergeArguments", "ModelLoadingArguments", "WebArguments", "deprecated_spellings_rewritten",
+    "MergeArguments", "ModelLoadingArguments", "ProgressArguments", "WebArguments", "deprecated_spellings_rewritten",
 ]

@@ -184,7 +184,6 @@ def evaluate_generation(
     system: str | None = None,
     batch_size: int = 8,
     max_examples: int | None = None,
-    progress: bool = False,
 ) -> dict[str, Any]:
     """Answers every question (greedy by default) and scores it against the reference answers.
 
@@ -197,10 +196,10 @@ def evaluate_generation(
         {"num_examples", "exact_match", "contains_match" (fractions of all questions), "num_media_errors",
         "media_errors": [{"id", "media", "error"}], "settings", "examples": [{"id", "question", "media", "answers",
         "prediction", "exact_match", "contains_match"}, ...]}
+    Bars over the embedding and the answering are drawn while `mm_llama.progress`'s switch is on.
     """
-    from tqdm.auto import tqdm
-
     from .imagebind.processing_imagebind import MediaLoadError
+    from .progress import progress_bar
 
     settings = settings or EVALUATION_SETTINGS
     rows = read_qa_file(qa_file)[:max_examples]
@@ -208,7 +207,7 @@ def evaluate_generation(
         raise ValueError(f"{qa_file} has no questions.")
     conversations: dict[int, list[dict]] = {}  # row index -> conversation with embedded media
     media_errors = []
-    for index, row in enumerate(tqdm(rows, desc="embedding media", unit="question", disable=not progress)):
+    for index, row in enumerate(progress_bar(rows, desc="embedding media", unit="question")):
         try:
             conversations[index] = embedded_prompt_conversation(
                 embedder, row["question"], row["media_type"] if row.get("media") else None, row.get("media"), system)
@@ -219,7 +218,7 @@ def evaluate_generation(
         raise ValueError(f"None of the {with_media} media files of {qa_file} could be read (first: "
                          f"{media_errors[0]['error']}); check the paths (relative to the current folder).")
     answerable = sorted(conversations)
-    bar = tqdm(total=len(answerable), desc="answering", unit="question", disable=not progress)
+    bar = progress_bar(total=len(answerable), desc="answering", unit="question")
     answers = generate_batched(model, processor, embedder, [conversations[i] for i in answerable], settings,
                                batch_size, on_batch=lambda start, batch: bar.update(len(batch)))
     bar.close()
@@ -266,7 +265,7 @@ def run_evaluation(model: torch.nn.Module, processor: MMLlamaProcessor, embedder
     if options.qa_file:
         results["generation_eval"] = evaluate_generation(
             model, processor, embedder, options.qa_file, system=options.system, batch_size=options.batch_size,
-            max_examples=options.max_examples, progress=options.progress, settings=settings,
+            max_examples=options.max_examples, settings=settings,
         )
         for failure in results["generation_eval"]["media_errors"]:
             print(f"warning: question {failure['id']}: {failure['error']} (answered with '', scored wrong)",

@@ -14,7 +14,7 @@ from transformers import AutoModelForCausalLM, GenerationConfig
 
 from mm_llama import MMLlamaProcessor
 from mm_llama.cli import COMMANDS, CommandError, build_parser, main, parse_command
-from mm_llama.cli_arguments import GenerationArguments, ModelLoadingArguments
+from mm_llama.cli_arguments import GenerationArguments, ModelLoadingArguments, ProgressArguments
 from mm_llama.data.build_config import BuildConfig
 from mm_llama.generation import GenerationSettings
 from test_merge import make_model, make_processor, save_stage2
@@ -41,7 +41,8 @@ def test_kebab_case_spellings_parse_with_one_deprecation_line_each(capsys):
     snake = parse_command("build-datasets", [*BUILD, "--media_dir", "images", "--num_workers", "0", "--no_progress"])
     old = parse_command("build-datasets", [*BUILD, "--media-dir", "images", "--num-workers=0", "--no-progress"])
     assert old == snake
-    assert snake["build"] == BuildConfig(num_workers=0, progress=False) and snake["media_dir"] == ["images"]
+    assert snake["build"] == BuildConfig(num_workers=0) and snake["progress"] == ProgressArguments(progress=False)
+    assert snake["media_dir"] == ["images"]
     assert capsys.readouterr().err.splitlines() == [deprecation("--media-dir", "--media_dir"),
                                                     deprecation("--num-workers", "--num_workers"),
                                                     deprecation("--no-progress", "--no_progress")]

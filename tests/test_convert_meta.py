@@ -190,7 +190,7 @@ def _load_hf(path: Path):
 def test_converted_model_matches_meta_reference(tmp_path, spm_model_path, params, num_shards):
     weights = random_meta_weights(params)
     src = write_meta_checkpoint(tmp_path / "meta", params, weights, num_shards, spm_model_path)
-    out = convert_meta_llama(src, tmp_path / "hf", dtype="float32", progress=False)
+    out = convert_meta_llama(src, tmp_path / "hf", dtype="float32")
 
     config = json.loads((out / "config.json").read_text())
     n_heads = params["n_heads"]
@@ -252,7 +252,7 @@ def test_legacy_non_zip_shards_are_read_without_mmap(tmp_path, spm_model_path):
         torch.save(torch.load(path, weights_only=True), path, _use_new_zipfile_serialization=False)
     _, shards = load_meta_shards(src)
     torch.testing.assert_close(torch.cat([s["output.weight"] for s in shards]), weights["output.weight"])
-    out = convert_meta_llama(src, tmp_path / "hf", dtype="float32", progress=False)
+    out = convert_meta_llama(src, tmp_path / "hf", dtype="float32")
     with torch.no_grad():
         logits = _load_hf(out)(input_ids=_tokens()).logits
     torch.testing.assert_close(logits, meta_reference_logits(weights, MHA_PARAMS, _tokens()), atol=1e-5, rtol=1e-5)
@@ -261,10 +261,10 @@ def test_legacy_non_zip_shards_are_read_without_mmap(tmp_path, spm_model_path):
 def test_float16_sharded_and_bin_outputs_load(tmp_path, spm_model_path):
     weights = random_meta_weights(MHA_PARAMS, seed=5)
     src = write_meta_checkpoint(tmp_path / "meta", MHA_PARAMS, weights, 2, spm_model_path)
-    ref = convert_meta_llama(src, tmp_path / "fp32", dtype="float32", progress=False)
+    ref = convert_meta_llama(src, tmp_path / "fp32", dtype="float32")
     ref_state = _load_hf(ref).state_dict()
 
-    out = convert_meta_llama(src, tmp_path / "fp16", dtype="float16", max_shard_size="60KB", progress=False)
+    out = convert_meta_llama(src, tmp_path / "fp16", dtype="float16", max_shard_size="60KB")
     shards = sorted(out.glob("model-*-of-*.safetensors"))
     assert len(shards) > 1 and not (out / "model.safetensors").exists()
     index = json.loads((out / "model.safetensors.index.json").read_text())
@@ -278,10 +278,10 @@ def test_float16_sharded_and_bin_outputs_load(tmp_path, spm_model_path):
         torch.testing.assert_close(tensor, ref_state[name].half(), rtol=0, atol=0)
 
     # A second conversion into the same folder replaces the earlier weight files instead of mixing with them.
-    out = convert_meta_llama(src, tmp_path / "fp16", dtype="bfloat16", progress=False)
+    out = convert_meta_llama(src, tmp_path / "fp16", dtype="bfloat16")
     assert sorted(p.name for p in out.glob("model*.safetensors*")) == ["model.safetensors"]
 
-    binary = convert_meta_llama(src, tmp_path / "bin", dtype="float32", safe_serialization=False, progress=False)
+    binary = convert_meta_llama(src, tmp_path / "bin", dtype="float32", safe_serialization=False)
     assert (binary / "pytorch_model.bin").is_file() and not list(binary.glob("*.safetensors"))
     for name, tensor in _load_hf(binary).state_dict().items():
         torch.testing.assert_close(tensor, ref_state[name], rtol=0, atol=0)
@@ -293,7 +293,7 @@ def test_saved_tokenizer_encodes_like_sentencepiece(tmp_path, spm_model_path):
     from mm_llama.model.tokenization_mm_llama import MMLlamaTokenizer
 
     src = write_meta_checkpoint(tmp_path / "meta", MHA_PARAMS, random_meta_weights(MHA_PARAMS), 1, spm_model_path)
-    out = convert_meta_llama(src, tmp_path / "hf", progress=False)
+    out = convert_meta_llama(src, tmp_path / "hf")
     assert (out / "tokenizer.model").read_bytes() == spm_model_path.read_bytes()
     tokenizer = MMLlamaTokenizer.from_pretrained(out)
     sp = SentencePieceProcessor(model_file=str(spm_model_path))
@@ -338,7 +338,7 @@ def meta_dir(tmp_path, spm_model_path) -> Path:
 
 
 def _convert(src: Path, tmp_path: Path, **kwargs) -> Path:
-    return convert_meta_llama(src, tmp_path / "out", progress=False, **kwargs)
+    return convert_meta_llama(src, tmp_path / "out", **kwargs)
 
 
 def test_missing_params_json(meta_dir, tmp_path):

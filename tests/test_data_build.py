@@ -120,7 +120,7 @@ def llava_fixture(tmp_path_factory) -> tuple[Path, Path]:
 def test_llava_build_counts_markers_embeddings_and_skips(llava_fixture, encoder, tmp_path):
     chat, images = llava_fixture
     manifest = build_dataset([SourceSpec("llava", str(chat), str(images))], encoder, tmp_path / "out",
-                             batch_size=2, num_workers=1, shard_size=2, progress=False)
+                             batch_size=2, num_workers=1, shard_size=2)
     built = load_from_disk(str(tmp_path / "out"))
     assert list(built) == ["train"]  # validation ratio 0: no validation split
     rows = rows_by_id(built)
@@ -168,7 +168,7 @@ def test_videochat_build_embeds_each_video_once(encoder, tmp_path, monkeypatch):
     original = encoder.embed_videos
     monkeypatch.setattr(encoder, "embed_videos", lambda x: videos_embedded.append(len(x)) or original(x))
     manifest = build_dataset([SourceSpec("videochat", str(data), str(videos), max_turns=2)], encoder,
-                             tmp_path / "out", batch_size=4, num_workers=0, progress=False)
+                             tmp_path / "out", batch_size=4, num_workers=0)
     assert sum(videos_embedded) == 2  # three chunks of 1001 share one embedding; the truncated file is not embedded
     rows = rows_by_id(load_from_disk(str(tmp_path / "out")))
     assert sorted(rows) == ["1001_0_0", "1001_0_1", "1001_0_2", "1002_1"]
@@ -197,7 +197,7 @@ def test_records_jsonl_mixed_media_text_only_and_split(encoder, tmp_path):
                                          {"role": "assistant", "content": "Hello"}]} for i in range(7)]
     (tmp_path / "data.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n{broken\n")
     manifest = build_dataset([SourceSpec("records", str(tmp_path / "data.jsonl"), str(tmp_path / "m"))], encoder,
-                             tmp_path / "out", num_workers=0, validation_ratio=0.25, seed=3, progress=False)
+                             tmp_path / "out", num_workers=0, validation_ratio=0.25, seed=3)
     built = load_from_disk(str(tmp_path / "out"))
     assert {name: len(split) for name, split in built.items()} == {"train": 6, "validation": 2}
     assert manifest["counts"]["splits"] == {"train": 6, "validation": 2}
@@ -227,7 +227,7 @@ def assert_same_dataset(path_a: Path, path_b: Path) -> None:
 def test_interrupted_build_resumes_to_the_same_dataset(llava_fixture, encoder, tmp_path):
     chat, images = llava_fixture
     sources = [SourceSpec("llava", str(chat), str(images))]
-    config = BuildConfig(batch_size=1, num_workers=0, shard_size=1, validation_ratio=0.3, progress=False)
+    config = BuildConfig(batch_size=1, num_workers=0, shard_size=1, validation_ratio=0.3)
     build_dataset(sources, encoder, tmp_path / "full", config)
 
     written = []
@@ -274,9 +274,12 @@ def test_build_config_is_the_one_declaration_of_the_build_flags():
     parser = HfArgumentParser(BuildConfig)
     (defaults,) = parser.parse_args_into_dataclasses([])
     assert defaults == BuildConfig()
-    (given,) = parser.parse_args_into_dataclasses(["--shard_size", "8", "--dtype", "bfloat16", "--no_progress",
-                                                   "--overwrite"])
-    assert (given.shard_size, given.dtype, given.progress, given.overwrite) == (8, "bfloat16", False, True)
+    (given,) = parser.parse_args_into_dataclasses(["--shard_size", "8", "--dtype", "bfloat16", "--overwrite"])
+    assert (given.shard_size, given.dtype, given.overwrite) == (8, "bfloat16", True)
+    # Progress bars are no build option: mm_llama.progress's switch (the command's --no_progress) decides.
+    assert "progress" not in {item.name for item in fields(BuildConfig)}
+    with pytest.raises(ValueError, match="--no_progress"):
+        parser.parse_args_into_dataclasses(["--no_progress"])
     with pytest.raises(SystemExit):
         parser.parse_args_into_dataclasses(["--dtype", "int8"])
     # argparse may wrap a line after a hyphen ("random-" / "init"): undo that before comparing.
@@ -297,7 +300,7 @@ def test_bfloat16_encoder_and_a_build_with_nothing_usable(llava_fixture, tmp_pat
     bf16_encoder = ImageBindVisionModel(ImageBindVisionConfig.from_preset("tiny", image_size=IMAGE_SIZE))
     reference = direct_image(bf16_encoder, images / "GCC_1.jpg")  # float32, before the builder casts it
     manifest = build_dataset([SourceSpec("llava", str(chat), str(images), max_samples=2)], bf16_encoder,
-                             tmp_path / "bf16", dtype="bfloat16", num_workers=0, progress=False)
+                             tmp_path / "bf16", dtype="bfloat16", num_workers=0)
     assert manifest["encoder"]["dtype"] == "bfloat16"
     row = rows_by_id(load_from_disk(str(tmp_path / "bf16")))["b"]
     assert row["media_embeds"].dtype == np.float32  # stored as float32 whatever the encoder's precision
@@ -309,7 +312,7 @@ def test_bfloat16_encoder_and_a_build_with_nothing_usable(llava_fixture, tmp_pat
                                                            {"from": "gpt", "value": "A"}]},
         {"id": "x", "conversations": []}])
     manifest = build_dataset([SourceSpec("llava", str(bad), str(images))], bf16_encoder, tmp_path / "empty",
-                             num_workers=0, progress=False)
+                             num_workers=0)
     assert manifest["counts"]["records_written"] == 0
     assert manifest["skipped"]["by_reason"] == {"no_human_turn": 1, "missing_media": 1}
     assert len(load_from_disk(str(tmp_path / "empty"))["train"]) == 0

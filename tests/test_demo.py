@@ -26,6 +26,7 @@ from mm_llama.demo.scenes import (
     sample_video_scene,
     shape_centroid,
 )
+from mm_llama.progress import progress_bars
 
 SMALL = CorpusSize(caption_images=8, instruct_images=8, videos=6, eval_images=4, eval_videos=4, pretrain_lines=40,
                    two_media=5)
@@ -34,7 +35,7 @@ SMALL = CorpusSize(caption_images=8, instruct_images=8, videos=6, eval_images=4,
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory):
     root = tmp_path_factory.mktemp("corpus")
-    paths, summary = generate_corpus(root, SMALL, seed=3, progress=False)
+    paths, summary = generate_corpus(root, SMALL, seed=3)
     return paths, summary
 
 
@@ -210,8 +211,8 @@ def test_codec_noise_keeps_what_the_answers_name():
 
 def test_deterministic(tmp_path):
     size = CorpusSize(2, 2, 2, 1, 2, 5)
-    a, _ = generate_corpus(tmp_path / "a", size, seed=1, progress=False)
-    b, _ = generate_corpus(tmp_path / "b", size, seed=1, progress=False)
+    a, _ = generate_corpus(tmp_path / "a", size, seed=1)
+    b, _ = generate_corpus(tmp_path / "b", size, seed=1)
     assert a.cc3m_json.read_text() == b.cc3m_json.read_text()
     assert a.eval_jsonl.read_text() == b.eval_jsonl.read_text()
 
@@ -410,7 +411,7 @@ def test_tiny_llama_meta_checkpoint_converts_back_exactly(corpus, tokenizer_mode
     assert {p.name for p in (tmp_path / "meta").iterdir()} == {"consolidated.00.pth", "params.json", "tokenizer.model"}
     assert json.loads((tmp_path / "meta" / "params.json").read_text())["vocab_size"] == -1
     assert summary["steps"] == 3
-    convert_meta_llama(tmp_path / "meta", tmp_path / "hf", dtype="float32", progress=False)
+    convert_meta_llama(tmp_path / "meta", tmp_path / "hf", dtype="float32")
     converted = LlamaForCausalLM.from_pretrained(tmp_path / "hf")
     ids = torch.tensor([[1, 5, 17, 42, 99, 7]])
     with torch.no_grad():
@@ -454,8 +455,8 @@ def test_demo_smoke_end_to_end(tmp_path):
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        summary = run_demo(DemoConfig(output=tmp_path / "demo", size="smoke", device="cpu", progress=False),
-                           run_command)
+        with progress_bars(False):  # `mm-llama demo --no_progress`
+            summary = run_demo(DemoConfig(output=tmp_path / "demo", size="smoke", device="cpu"), run_command)
     finally:
         torch.set_num_threads(threads)
     paths = DemoPaths(tmp_path / "demo")
@@ -554,8 +555,9 @@ def test_same_seed_same_table_and_a_closing_summary_with_commands_to_paste(tmp_p
     try:
         for name in ("a", "b"):
             stream = io.StringIO()
-            config = DemoConfig(output=tmp_path / name, size="tiny", device="cpu", seed=3, progress=False)
-            runs.append(run_demo(config, run_command, Reporter(len(STEP_TITLES), run_command, stream=stream)))
+            config = DemoConfig(output=tmp_path / name, size="tiny", device="cpu", seed=3)
+            with progress_bars(False):  # `mm-llama demo --no_progress`
+                runs.append(run_demo(config, run_command, Reporter(len(STEP_TITLES), run_command, stream=stream)))
             outputs.append(stream.getvalue())
     finally:
         torch.set_num_threads(threads)

@@ -76,13 +76,13 @@ def test_downloader_fetches_the_default_url_and_names_it_when_unreachable(tmp_pa
 
     monkeypatch.setattr(urllib.request, "urlopen", offline)
     with pytest.raises(DownloadError, match=f"Cannot reach {IMAGEBIND_HUGE_URL} \\(network is unreachable\\)"):
-        download_imagebind_checkpoint(tmp_path / "imagebind_huge.pth", progress=False)
+        download_imagebind_checkpoint(tmp_path / "imagebind_huge.pth")
     assert asked == [(IMAGEBIND_HUGE_URL, "HEAD")]
     assert not list(tmp_path.iterdir())  # nothing written before the size is known
 
 
 def test_fresh_download(tmp_path, server):
-    out = download_imagebind_checkpoint(tmp_path / "ckpt" / "imagebind_huge.pth", _url(server), progress=False)
+    out = download_imagebind_checkpoint(tmp_path / "ckpt" / "imagebind_huge.pth", _url(server))
     assert out.read_bytes() == PAYLOAD
     assert server.ranges == [None]
     assert not (tmp_path / "ckpt" / "imagebind_huge.pth.part").exists()
@@ -91,7 +91,7 @@ def test_fresh_download(tmp_path, server):
 def test_partial_file_is_resumed_with_a_range_request(tmp_path, server):
     target = tmp_path / "imagebind_huge.pth"
     (tmp_path / "imagebind_huge.pth.part").write_bytes(PAYLOAD[:3000])
-    download_imagebind_checkpoint(target, _url(server), progress=False)
+    download_imagebind_checkpoint(target, _url(server))
     assert server.ranges == ["bytes=3000-"]
     assert target.read_bytes() == PAYLOAD
 
@@ -99,18 +99,18 @@ def test_partial_file_is_resumed_with_a_range_request(tmp_path, server):
 def test_complete_file_is_kept_and_wrong_size_file_refused(tmp_path, server):
     target = tmp_path / "imagebind_huge.pth"
     target.write_bytes(PAYLOAD)
-    download_imagebind_checkpoint(target, _url(server), progress=False)
+    download_imagebind_checkpoint(target, _url(server))
     assert server.ranges == []  # nothing fetched
     target.write_bytes(PAYLOAD[:10])
     with pytest.raises(DownloadError, match="exists with 10 bytes but .* has 10240"):
-        download_imagebind_checkpoint(target, _url(server), progress=False)
+        download_imagebind_checkpoint(target, _url(server))
 
 
 def test_short_transfer_fails_the_size_check_and_keeps_the_part(tmp_path, server):
     server.short_body = True
     target = tmp_path / "imagebind_huge.pth"
     with pytest.raises(DownloadError, match="5120 bytes .* announced 10240"):
-        download_imagebind_checkpoint(target, _url(server), progress=False)
+        download_imagebind_checkpoint(target, _url(server))
     assert not target.exists()
     assert (tmp_path / "imagebind_huge.pth.part").stat().st_size == 5120
 
@@ -121,7 +121,7 @@ def test_offline_error_is_clear(tmp_path):
         port = probe.getsockname()[1]
     url = f"http://127.0.0.1:{port}/imagebind_huge.pth"
     with pytest.raises(DownloadError, match=r"Cannot reach http://127\.0\.0\.1:\d+/imagebind_huge\.pth"):
-        download_imagebind_checkpoint(tmp_path / "x.pth", url, timeout=5, progress=False)
+        download_imagebind_checkpoint(tmp_path / "x.pth", url, timeout=5)
 
     from mm_llama.cli import main as cli
 

@@ -70,7 +70,7 @@ def test_downloads_only_needed_videos_with_retries_and_resume(server, tmp_path):
     (out / "0001_0050").mkdir(parents=True)
     (out / "0001_0050" / "3.mp4.part").write_bytes(b"half")  # left by a killed run: replaced
 
-    report = download_webvid(videochat, metadata, out, num_threads=4, retries=2, backoff=0.01, progress=False)
+    report = download_webvid(videochat, metadata, out, num_threads=4, retries=2, backoff=0.01)
 
     assert report.needed == 5 and report.downloaded == 3 and report.skipped_existing == 0
     assert report.missing_in_metadata == ["5"]
@@ -86,7 +86,7 @@ def test_downloads_only_needed_videos_with_retries_and_resume(server, tmp_path):
     # A re-run skips what exists and fetches only what failed before.
     (served / "4.mp4").write_bytes(b"video 4")
     before = Counter(httpd.requests)
-    report = download_webvid(videochat, metadata, out, layout="folder", num_threads=2, backoff=0.01, progress=False)
+    report = download_webvid(videochat, metadata, out, layout="folder", num_threads=2, backoff=0.01)
     assert report.skipped_existing == 3 and report.downloaded == 1 and not report.failed
     assert httpd.requests["/1.mp4"] == before["/1.mp4"]
 
@@ -96,10 +96,9 @@ def test_flat_layout_and_retry_exhaustion(server, tmp_path):
     (served / "7.mp4").write_bytes(b"seven")
     videochat, metadata = write_inputs(tmp_path, base, ["7"], ["7"])
     httpd.flaky.add("/7.mp4")
-    report = download_webvid(videochat, metadata, tmp_path / "flat", layout="flat", retries=0, backoff=0.01,
-                             progress=False)
+    report = download_webvid(videochat, metadata, tmp_path / "flat", layout="flat", retries=0, backoff=0.01)
     assert report.failed["7"]["attempts"] == 1 and "503" in report.failed["7"]["error"]
-    report = download_webvid(videochat, metadata, tmp_path / "flat", layout="flat", retries=0, progress=False)
+    report = download_webvid(videochat, metadata, tmp_path / "flat", layout="flat", retries=0)
     assert report.downloaded == 1 and (tmp_path / "flat" / "7.mp4").read_bytes() == b"seven"
     assert not (tmp_path / "flat" / "download_failures.json").exists()  # cleared by the clean run
 
@@ -110,7 +109,7 @@ def test_offline_is_a_clear_error(tmp_path):
         port = s.getsockname()[1]
     videochat, metadata = write_inputs(tmp_path, f"http://127.0.0.1:{port}", ["1"], ["1"])
     with pytest.raises(OfflineError, match=rf"Cannot reach http://127.0.0.1:{port}.*network"):
-        download_webvid(videochat, metadata, tmp_path / "out", backoff=0.01, progress=False)
+        download_webvid(videochat, metadata, tmp_path / "out", backoff=0.01)
 
 
 def test_metadata_errors_name_the_file(tmp_path):

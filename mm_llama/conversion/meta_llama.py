@@ -31,6 +31,7 @@ from pathlib import Path
 import torch
 
 from ..loading import resolve_dtype
+from ..progress import progress_bar
 from .meta_checkpoint import (
     LLAMA2_MAX_POSITION_EMBEDDINGS,
     META_DEFAULT_TEMPERATURE,
@@ -135,15 +136,13 @@ def iter_hf_weights(
     params: MetaLlamaParams,
     *,
     dtype: torch.dtype | None = None,
-    progress: bool = False,
 ) -> Iterator[tuple[str, torch.Tensor]]:
     """Yields (HF `LlamaForCausalLM` name, tensor) one weight at a time, so callers can write them out as they come.
 
-    Call `check_meta_shards` first: this function assumes consistent shards.
+    Call `check_meta_shards` first: this function assumes consistent shards. Draws a bar over the layers while
+    `mm_llama.progress`'s switch is on.
     """
-    from tqdm.auto import tqdm
-
-    tqdm_layers = tqdm(total=params.n_layers, desc="Converting layers", unit="layer", disable=not progress)
+    tqdm_layers = progress_bar(total=params.n_layers, desc="Converting layers", unit="layer")
     for key in _expected_shapes(params, vocab_size=0):  # Meta's order: embeddings, layer by layer, norm, output
         weight = _gather(key, files, shards)
         if key.endswith("attention.wq.weight"):
@@ -162,13 +161,12 @@ def meta_to_hf_state_dict(
     *,
     files: Sequence[Path] | None = None,
     dtype: torch.dtype | None = None,
-    progress: bool = False,
 ) -> dict[str, torch.Tensor]:
     """The full HF `LlamaForCausalLM` state dict of Meta shards (validated first). Holds the whole model in memory;
     `convert_meta_llama` streams instead."""
     files = list(files) if files is not None else [Path(f"consolidated.{i:02d}.pth") for i in range(len(shards))]
     check_meta_shards(files, shards, params)
-    return dict(iter_hf_weights(files, shards, params, dtype=dtype, progress=progress))
+    return dict(iter_hf_weights(files, shards, params, dtype=dtype))
 
 
 def llama_config_from_params(
@@ -303,7 +301,6 @@ def convert_meta_llama(
     safe_serialization: bool = True,
     max_shard_size: int | str = "5GB",
     max_position_embeddings: int = LLAMA2_MAX_POSITION_EMBEDDINGS,
-    progress: bool = True,
 ) -> Path:
     """Converts a Meta LLaMA-2 model folder into a Hugging Face `LlamaForCausalLM` folder; returns `output_dir`.
 
@@ -316,7 +313,8 @@ def convert_meta_llama(
         safe_serialization: safetensors (default) or PyTorch `.bin` files.
         max_shard_size: largest weight file, e.g. "5GB".
         max_position_embeddings: context length; params.json does not record it (LLaMA-2: 4096).
-        progress: show a progress bar over layers.
+
+    A progress bar over the layers is drawn while `mm_llama.progress`'s switch is on.
     """
     from transformers import GenerationConfig
 
@@ -353,7 +351,7 @@ def convert_meta_llama(
         input_dir, len(files), params.n_layers, params.dim, output_dir, dtype,
     )  # fmt: skip
     save_weights_sharded(
-        iter_hf_weights(files, shards, params, dtype=torch_dtype, progress=progress),
+        iter_hf_weights(files, shards, params, dtype=torch_dtype),
         output_dir,
         shapes={hf_weight_name(key): shape for key, shape in _expected_shapes(params, vocab_size).items()},
         dtype=torch_dtype,

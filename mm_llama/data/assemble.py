@@ -7,8 +7,8 @@ import os
 import numpy as np
 from datasets import Array3D, Dataset, DatasetDict, Features, List, Value
 from datasets.arrow_writer import ArrowWriter
-from tqdm.auto import tqdm
 
+from ..progress import progress_bar
 from .media import MediaItem
 from .records import SkipLog
 from .shards import STATUS_OK, read_shard, shard_path
@@ -52,7 +52,6 @@ def write_rows(
     path: str | os.PathLike,
     skips_by_source: dict[str, SkipLog],
     dim: int,
-    progress: bool = True,
 ) -> tuple[Dataset, dict[str, int]]:
     """Writes one row per record whose media all embedded; others are skipped by the media's failure reason.
 
@@ -62,7 +61,7 @@ def write_rows(
     features = dataset_features(tokens, dim)
     written = {name: 0 for name in skips_by_source}
     writer = ArrowWriter(features=features, path=str(path), writer_batch_size=1000)
-    for source, record in tqdm(records, desc="assembling", unit="record", disable=not progress):
+    for source, record in progress_bar(records, desc="assembling", unit="record"):
         embeds = np.zeros((len(record["media"]), tokens, dim), dtype=np.float32)
         failure = None
         for m, item in enumerate(record["media"]):

@@ -29,11 +29,11 @@ from typing import Any, Callable, Iterator
 import datasets
 import torch
 from accelerate import PartialState
-from tqdm.auto import tqdm
 
 from .assemble import ShardIndex, split_dataset, write_rows
 from .build_config import BuildConfig
 from ..loading import resolve_dtype
+from ..progress import progress_bar, progress_bars, progress_bars_enabled
 from .embed import embed_shards, encoder_description
 from .media import MEDIA_KINDS, MediaItem
 from .records import MEDIA_SKIP_REASONS, SkipLog
@@ -56,8 +56,7 @@ MANIFEST_VERSION = 1
 _BUILD_ARTEFACTS = (MANIFEST_FILE, "dataset_dict.json", "train", "validation", WORK_DIR)
 
 
-def read_all_sources(sources: list[SourceSpec], progress: bool = True
-                     ) -> tuple[list[tuple[str, dict]], dict[str, SkipLog]]:
+def read_all_sources(sources: list[SourceSpec]) -> tuple[list[tuple[str, dict]], dict[str, SkipLog]]:
     """Reads every source: (source name, record) pairs in source order, and a SkipLog per source name."""
     names = [spec.name for spec in sources]
     if len(set(names)) != len(names):
@@ -65,8 +64,8 @@ def read_all_sources(sources: list[SourceSpec], progress: bool = True
     records: list[tuple[str, dict]] = []
     skips = {spec.name: SkipLog() for spec in sources}
     for spec in sources:
-        for record in tqdm(read_source(spec, skips[spec.name]), desc=f"reading {spec.name}", unit="record",
-                           disable=not progress):
+        for record in progress_bar(read_source(spec, skips[spec.name]), desc=f"reading {spec.name}",
+                                   unit="record"):
             records.append((spec.name, record))
     return records, skips
 
@@ -105,7 +104,8 @@ def _remove_artefacts(output: Path) -> None:
 
 @contextlib.contextmanager
 def _datasets_progress(enabled: bool) -> Iterator[None]:
-    """Turns `datasets`' own progress bars off inside the block when `enabled` is False (restored after)."""
+    """Turns `datasets`' own progress bars off inside the block when `enabled` is False (restored after): datasets
+    is imported by this module, after a command's --no_progress set the switch, so the switch did not reach it."""
     was_disabled = datasets.are_progress_bars_disabled()
     if not enabled:
         datasets.disable_progress_bars()
@@ -152,34 +152,34 @@ def build_dataset(
     # without it, processes launched on CPU would each believe they are alone.
     state = PartialState(cpu=device is not None and torch.device(device).type == "cpu")
     output, work = Path(output_dir), Path(output_dir) / WORK_DIR
-    progress = config.progress and state.is_local_main_process
+    # Only the local main process draws bars (the others would draw over its lines).
+    with contextlib.nullcontext() if state.is_local_main_process else progress_bars(False):
+        records, skips = read_all_sources(sources)
+        items = distinct_media(records)
+        num_audio = sum(item.type == "audio" for item in items)
+        if num_audio and audio_model is None:  # said now, not after hours of embedding the images
+            raise ValueError(
+                f"The sources have {num_audio} audio files but no ImageBind audio model was given: pass --encoder "
+                "with a folder converted by `mm-llama convert-imagebind --modality all`."
+            )
+        target = torch.device(device) if device is not None else state.device
+        model = model.to(device=target, dtype=torch_dtype).eval()
+        audio_model = audio_model.to(device=target, dtype=torch_dtype).eval() if num_audio else None
+        build = _Build(sources, records, skips, items, _encoders_description(model, audio_model), config)
 
-    records, skips = read_all_sources(sources, progress=progress)
-    items = distinct_media(records)
-    num_audio = sum(item.type == "audio" for item in items)
-    if num_audio and audio_model is None:  # said now, not after hours of embedding the images
-        raise ValueError(
-            f"The sources have {num_audio} audio files but no ImageBind audio model was given: pass --encoder with a "
-            "folder converted by `mm-llama convert-imagebind --modality all`."
+        build.resumed = _prepare_work_dir(state, output, work, build)
+        mine = shards_for_process(build.plan["num_shards"], state.process_index, state.num_processes)
+        done = finished_shards(work, items, config.shard_size, shard_ids=mine)
+        embed_shards(
+            model, items, [k for k in mine if k not in done], config.shard_size, work,
+            device=next(model.parameters()).device, dtype=torch_dtype, batch_size=config.batch_size,
+            num_workers=config.num_workers,
+            description=f"embedding (process {state.process_index})" if state.num_processes > 1 else "embedding",
+            on_shard_written=on_shard_written, audio_model=audio_model,
         )
-    target = torch.device(device) if device is not None else state.device
-    model = model.to(device=target, dtype=torch_dtype).eval()
-    audio_model = audio_model.to(device=target, dtype=torch_dtype).eval() if num_audio else None
-    build = _Build(sources, records, skips, items, _encoders_description(model, audio_model), config)
-
-    build.resumed = _prepare_work_dir(state, output, work, build)
-    mine = shards_for_process(build.plan["num_shards"], state.process_index, state.num_processes)
-    done = finished_shards(work, items, config.shard_size, shard_ids=mine)
-    embed_shards(
-        model, items, [k for k in mine if k not in done], config.shard_size, work,
-        device=next(model.parameters()).device, dtype=torch_dtype, batch_size=config.batch_size,
-        num_workers=config.num_workers, progress=progress,
-        description=f"embedding (process {state.process_index})" if state.num_processes > 1 else "embedding",
-        on_shard_written=on_shard_written, audio_model=audio_model,
-    )
-    state.wait_for_everyone()
-    if state.is_main_process:
-        _assemble(build, output, int(model.config.projection_dim), state.num_processes, started, progress)
+        state.wait_for_everyone()
+        if state.is_main_process:
+            _assemble(build, output, int(model.config.projection_dim), state.num_processes, started)
     state.wait_for_everyone()
     with open(output / MANIFEST_FILE, encoding="utf-8") as f:
         return json.load(f)
@@ -249,16 +249,15 @@ def _prepare_work_dir(state: PartialState, output: Path, work: Path, build: _Bui
     return resumed
 
 
-def _assemble(build: _Build, output: Path, projection_dim: int, num_processes: int, started: float,
-              progress: bool) -> None:
+def _assemble(build: _Build, output: Path, projection_dim: int, num_processes: int, started: float) -> None:
     """Main process, once every shard exists: the records' rows with their embeddings -> the split `DatasetDict` and
     `manifest.json` in `output`; then removes the shards unless `keep_shards`."""
     work = output / WORK_DIR
     index = ShardIndex(work, build.plan["num_shards"])
     dim = int(index.dim or projection_dim)
-    dataset, written = write_rows(build.records, index, work / "assembled.arrow", build.skips, dim, progress=progress)
+    dataset, written = write_rows(build.records, index, work / "assembled.arrow", build.skips, dim)
     splits = split_dataset(dataset, build.config.validation_ratio, build.config.seed)
-    with _datasets_progress(progress):
+    with _datasets_progress(progress_bars_enabled()):
         # An empty split saved with the default sharding has no data file and cannot be loaded back; one
         # explicit shard keeps it loadable.
         splits.save_to_disk(str(output), num_shards={name: 1 for name, split in splits.items() if not len(split)})

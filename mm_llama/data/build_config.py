@@ -45,7 +45,6 @@ class BuildConfig:
         default=False,
         metadata={"help": "Keep the embedding shards (_shards/) after success, for inspection."},
     )
-    progress: bool = field(default=True, metadata={"help": "Show progress bars (on the main process)."})
 
     def __post_init__(self) -> None:
         # Checked when the options are given, not after reading the sources or hours of embedding.

@@ -10,8 +10,8 @@ from typing import Callable
 import numpy as np
 import torch
 from torch.utils.data import DataLoader
-from tqdm.auto import tqdm
 
+from ..progress import progress_bar
 from .media import MediaDecodeDataset, MediaItem, collate_media
 from .shards import STATUS_OK, ShardWriter, shard_range
 
@@ -59,7 +59,6 @@ def embed_shards(
     dtype: torch.dtype = torch.float32,
     batch_size: int = 32,
     num_workers: int = 4,
-    progress: bool = True,
     description: str = "embedding",
     on_shard_written: Callable[[int], None] | None = None,
     audio_model: torch.nn.Module | None = None,
@@ -100,7 +99,7 @@ def embed_shards(
     writer = ShardWriter(Path(work_dir))
     pending: dict[int, dict[int, tuple[str, str | None, np.ndarray | None]]] = {}
     dim_tokens: tuple[int, int] | None = None
-    with torch.inference_mode(), tqdm(total=len(batches), desc=description, unit="batch", disable=not progress) as bar:
+    with torch.inference_mode(), progress_bar(total=len(batches), desc=description, unit="batch") as bar:
         for shard_id, batch in zip(batch_shard, loader):
             results = pending.setdefault(shard_id, {})
             for index, reason, error in batch["failures"]:

@@ -22,8 +22,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Iterable
 
-from tqdm.auto import tqdm
-
+from ..progress import progress_bar
 from .sources import load_json_list
 
 # HTTP statuses worth retrying: the server is busy or failing, not saying "this file does not exist".
@@ -180,7 +179,6 @@ def download_videos(
     retries: int = 3,
     backoff: float = 1.0,
     timeout: float = 60.0,
-    progress: bool = True,
 ) -> DownloadReport:
     """Downloads `jobs` into `output_dir`, skipping files that exist (non-empty); returns the report.
 
@@ -202,8 +200,8 @@ def download_videos(
     def fetch(job: VideoJob) -> int:
         return download_file(job.url, output_dir / job.relative_path, retries=retries, backoff=backoff, timeout=timeout)
 
-    with ThreadPoolExecutor(max_workers=num_threads) as pool, tqdm(
-        total=len(todo), desc="downloading", unit="video", disable=not progress
+    with ThreadPoolExecutor(max_workers=num_threads) as pool, progress_bar(
+        total=len(todo), desc="downloading", unit="video"
     ) as bar:
         futures = {pool.submit(fetch, job): job for job in todo}
         for future in as_completed(futures):

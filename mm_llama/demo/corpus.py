@@ -36,6 +36,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable, Iterable
 
+from ..progress import progress_bar
 from .conversations import (
     CAPTION_PROMPTS,
     QUESTION_TYPES,
@@ -125,12 +126,9 @@ class CorpusPaths:
         )
 
 
-def _progress(iterable: Iterable, total: int, desc: str, enabled: bool) -> Iterable:
-    if not enabled:
-        return iterable
-    from tqdm.auto import tqdm
-
-    return tqdm(iterable, total=total, desc=desc, unit="file", leave=False)
+def _progress(iterable: Iterable, total: int, desc: str) -> Iterable:
+    """A bar over the files written (while mm_llama.progress's switch is on), cleared when done."""
+    return progress_bar(iterable, total=total, desc=desc, unit="file", leave=False)
 
 
 def _dump_json(data, path: Path) -> None:
@@ -148,8 +146,8 @@ def _write_jsonl(items: Iterable[dict], path: Path) -> None:
 Media = tuple[dict, ImageScene | VideoScene]  # ({"type", "path" relative to the corpus root}, scene)
 
 
-def generate_corpus(output_dir: str | Path, size: CorpusSize | str = "smoke", seed: int = 0,
-                    progress: bool = True) -> tuple[CorpusPaths, dict]:
+def generate_corpus(output_dir: str | Path, size: CorpusSize | str = "smoke", seed: int = 0
+                    ) -> tuple[CorpusPaths, dict]:
     """Writes the whole corpus under `output_dir`; returns its paths and a summary (also saved as corpus.json).
 
     Deterministic for a given (size, seed) and media stack. Eval media are drawn from their own random stream, so
@@ -164,16 +162,16 @@ def generate_corpus(output_dir: str | Path, size: CorpusSize | str = "smoke", se
         folder.mkdir(parents=True, exist_ok=True)
     records = {}
     records["cc3m"], _ = _write_images(paths, "cc3m", size.caption_images, paths.cc3m_images, "GCC_train_",
-                                       caption_record, seed, progress)
+                                       caption_record, seed)
     _dump_json(records["cc3m"], paths.cc3m_json)
     records["instruct"], instruct_media = _write_images(paths, "instruct", size.instruct_images, paths.instruct_images,
-                                                        "", instruct_record, seed, progress)
+                                                        "", instruct_record, seed)
     _dump_json(records["instruct"], paths.instruct_json)
-    records["videochat"], video_media = _write_videochat(paths, size.videos, seed, progress)
+    records["videochat"], video_media = _write_videochat(paths, size.videos, seed)
     _dump_json(records["videochat"], paths.videochat_json)
     records["two_media"] = _two_media_records(instruct_media + video_media, size.two_media, seed)
     _write_jsonl(records["two_media"], paths.two_media_jsonl)
-    records["eval"] = _write_eval_media(paths, size, seed, progress)
+    records["eval"] = _write_eval_media(paths, size, seed)
     _write_jsonl(records["eval"], paths.eval_jsonl)
     records["pretrain"] = _write_pretraining_text(paths, size.pretrain_lines, seed)
     summary = _corpus_summary(paths, size, seed, records)
@@ -182,12 +180,12 @@ def generate_corpus(output_dir: str | Path, size: CorpusSize | str = "smoke", se
 
 
 def _write_images(paths: CorpusPaths, stream: str, count: int, folder: Path, prefix: str,
-                  make: Callable[[str, str, ImageScene, random.Random], dict], seed: int,
-                  progress: bool) -> tuple[list[dict], list[Media]]:
+                  make: Callable[[str, str, ImageScene, random.Random], dict], seed: int
+                  ) -> tuple[list[dict], list[Media]]:
     """`count` JPEG images of random scenes in `folder` and their records (`make`), drawn from the `stream` random
     stream; returns (records, media for two-media chats)."""
     rng, records, media = random.Random(f"{seed}-{stream}"), [], []
-    for i in _progress(range(count), count, f"{stream} images", progress):
+    for i in _progress(range(count), count, f"{stream} images"):
         scene = sample_image_scene(rng)
         name = f"{prefix}{i:06d}.jpg"
         render_image(scene, seed=rng.getrandbits(32)).save(folder / name, quality=JPEG_QUALITY)
@@ -196,11 +194,11 @@ def _write_images(paths: CorpusPaths, stream: str, count: int, folder: Path, pre
     return records, media
 
 
-def _write_videochat(paths: CorpusPaths, count: int, seed: int, progress: bool) -> tuple[list[dict], list[Media]]:
+def _write_videochat(paths: CorpusPaths, count: int, seed: int) -> tuple[list[dict], list[Media]]:
     """`count` mp4 clips (alternately moving and changing colour) in WebVid-style folders and their VideoChat
     records; returns (records, media for two-media chats)."""
     rng, records, media = random.Random(f"{seed}-videochat"), [], []
-    for i in _progress(range(count), count, "videochat videos", progress):
+    for i in _progress(range(count), count, "videochat videos"):
         scene = sample_video_scene(rng, kind=("move", "turn")[i % 2])
         relative = f"{i // 50 * 50:06d}_{i // 50 * 50 + 49:06d}/{1000000 + i}.mp4"  # WebVid-style <folder>/<name>
         write_mp4(render_video_frames(scene, seed=rng.getrandbits(32)), paths.videochat_videos / relative)
@@ -221,16 +219,16 @@ def _two_media_records(stage2_media: list[Media], count: int, seed: int) -> list
     return records
 
 
-def _write_eval_media(paths: CorpusPaths, size: CorpusSize, seed: int, progress: bool) -> list[dict]:
+def _write_eval_media(paths: CorpusPaths, size: CorpusSize, seed: int) -> list[dict]:
     """The held-out images and clips (their own random stream) and their eval items."""
     rng, evaluation = random.Random(f"{seed}-eval"), []
     eval_dir = paths.eval_jsonl.parent
-    for i in _progress(range(size.eval_images), size.eval_images, "eval images", progress):
+    for i in _progress(range(size.eval_images), size.eval_images, "eval images"):
         scene = sample_image_scene(rng)
         relative = f"images/eval_{i:05d}.jpg"
         render_image(scene, seed=rng.getrandbits(32)).save(eval_dir / relative, quality=JPEG_QUALITY)
         evaluation += eval_items(f"img{i:05d}", "image", relative, scene)
-    for i in _progress(range(size.eval_videos), size.eval_videos, "eval videos", progress):
+    for i in _progress(range(size.eval_videos), size.eval_videos, "eval videos"):
         scene = sample_video_scene(rng, kind=("move", "turn")[i % 2])
         relative = f"videos/eval_{i:05d}.mp4"
         write_mp4(render_video_frames(scene, seed=rng.getrandbits(32)), eval_dir / relative)

@@ -18,6 +18,7 @@ from collections import defaultdict
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
+from ..progress import progress_bars_enabled
 from .conversations import QUESTION_TYPES
 from .corpus import CORPUS_SIZES, CorpusPaths, generate_corpus, read_eval_items
 from .reporting import CommandRunner, Reporter, StepError, progress_bar, run_step
@@ -134,7 +135,6 @@ class DemoConfig:
     steps: int | None = None
     device: str = "auto"
     seed: int = 0
-    progress: bool = True
     num_workers: int = 2
 
     def resolved_size(self) -> DemoSize:
@@ -230,8 +230,7 @@ class _DemoRun:
 
     def corpus(self, step) -> None:
         paths = self.paths.corpus
-        _, corpus = generate_corpus(paths.root, CORPUS_SIZES[self.size.corpus], seed=self.config.seed,
-                                    progress=self.config.progress)
+        _, corpus = generate_corpus(paths.root, CORPUS_SIZES[self.size.corpus], seed=self.config.seed)
         counts = corpus["counts"]
         step.note(f"stage 1 (CC3M chat.json format): {counts['cc3m_records']} captioned images -> {paths.cc3m_json}")
         step.note(f"stage 2 (LLaVA-Instruct format): {counts['instruct_records']} image conversations -> "
@@ -253,7 +252,7 @@ class _DemoRun:
         llama = pretrain_tiny_llama(paths.corpus.pretrain_jsonl, self.tokenizer_model, paths.meta_llama,
                                     spec=TinyLlamaSpec(), steps=self.size.llama_steps, seed=self.config.seed,
                                     device=self.device,
-                                    on_step=progress_bar("pre-training tiny LLaMA", self.config.progress))
+                                    on_step=progress_bar("pre-training tiny LLaMA", progress_bars_enabled()))
         step.note(f"{llama['parameters'] / 1e6:.2f} M parameters, {llama['steps']} steps, final loss "
                   f"{llama['final_loss']:.3f} ({llama['seconds']:.0f} s) -> {paths.meta_llama}")
         run_step("convert-meta", ["--input_dir", paths.meta_llama, "--output_dir", paths.hf_llama,
@@ -267,7 +266,8 @@ class _DemoRun:
                                             held_out_examples=size.imagebind_held_out, steps=size.imagebind_steps,
                                             training_examples=size.imagebind_examples,
                                             seed=self.config.seed, device=self.device,
-                                            on_step=progress_bar("pre-training tiny ImageBind", self.config.progress))
+                                            on_step=progress_bar("pre-training tiny ImageBind",
+                                                                 progress_bars_enabled()))
         accuracy = ", ".join(f"{k} {v:.0%}" for k, v in imagebind["held_out_attribute_accuracy"].items())
         step.note(f"{imagebind['parameters'] / 1e6:.2f} M parameters, {imagebind['steps']} steps; held-out attribute "
                   f"accuracy of its pre-training heads (discarded): {accuracy}")
@@ -300,7 +300,7 @@ class _DemoRun:
     def _train(self, stage: int, recipe_args: list, epochs: float, step) -> None:
         """`mm-llama train` with the demo's recipe of `stage`, then its metrics noted and summarised."""
         common = ["--seed", str(self.config.seed)] + (["--use_cpu", "true"] if self.device == "cpu" else [])
-        if not self.config.progress:
+        if not progress_bars_enabled():  # the Trainer draws its bar itself
             common += ["--disable_tqdm", "true"]
         if self.size.max_steps is not None:
             common += ["--max_steps", str(self.size.max_steps)]
@@ -328,8 +328,7 @@ class _DemoRun:
         eval_items = read_eval_items(paths.corpus.eval_jsonl)
         results = {}
         for name, model_dir in (("after stage 1", paths.run(1)), ("after stage 2", paths.merged)):
-            predictions = run_generation_eval(model_dir, paths, name.replace(" ", "_"), self.reporter, self.device,
-                                              self.config.progress)
+            predictions = run_generation_eval(model_dir, paths, name.replace(" ", "_"), self.reporter, self.device)
             results[name] = accuracy_by_type(eval_items, predictions)
         self.summary["accuracy"] = results
         step.note("held-out answer accuracy (generation, greedy):\n" + format_accuracy_table(results))
@@ -405,14 +404,14 @@ def _format_train_metrics(metrics: dict) -> str:
     return ", ".join(fmt.format(metrics[k]) for k, fmt in keys if k in metrics) or "(no metrics logged)"
 
 
-def run_generation_eval(model_dir: Path, paths: DemoPaths, name: str, reporter: Reporter, device: str,
-                        progress: bool = True) -> dict[str, str]:
+def run_generation_eval(model_dir: Path, paths: DemoPaths, name: str, reporter: Reporter, device: str
+                        ) -> dict[str, str]:
     """Answers every held-out question by greedy generation from the raw media file (embedded by the converted
     ImageBind folder, as in a user's chat) with `mm-llama evaluate --qa_file`; returns {item id: answer}."""
     output = paths.evaluation(name)
     run_step("evaluate", [model_dir, "--qa_file", paths.corpus.eval_jsonl, "--imagebind", paths.hf_imagebind,
                                "--max_new_tokens", "16", "--batch_size", "32", "--device", device,
-                               "--output", output, *([] if progress else ["--no_progress"])], reporter)
+                               "--output", output, *([] if progress_bars_enabled() else ["--no_progress"])], reporter)
     examples = json.loads(output.read_text())["generation_eval"]["examples"]
     return {example["id"]: example["prediction"] for example in examples}
 

@@ -24,18 +24,17 @@ def download_imagebind_checkpoint(
     output: str | os.PathLike,
     url: str = IMAGEBIND_HUGE_URL,
     timeout: float = 30.0,
-    progress: bool = True,
 ) -> Path:
     """Downloads `url` to `output`, resuming `<output>.part` from where it stopped.
 
     The data goes to `<output>.part` and is renamed to `output` only once its size equals the server's
-    Content-Length, so a truncated file never carries the final name. An existing complete `output` is kept.
+    Content-Length, so a truncated file never carries the final name. An existing complete `output` is kept. A
+    progress bar is drawn while `mm_llama.progress`'s switch is on.
 
     Args:
         output: destination file (e.g. `checkpoints/imagebind_huge.pth`).
         url: source URL (Meta's public URL by default).
         timeout: socket timeout in seconds.
-        progress: show a tqdm progress bar.
 
     Returns:
         The path of the complete file.
@@ -60,7 +59,7 @@ def download_imagebind_checkpoint(
         partial.unlink()  # larger than the remote file: not a prefix of it
         done = 0
     if total is None or done < total:
-        done = _fetch(url, partial, done, total, timeout, progress)
+        done = _fetch(url, partial, done, total, timeout)
     if total is not None and done != total:
         raise DownloadError(
             f"Downloaded {done} bytes of {url} but the server announced {total}; run the command again to resume "
@@ -87,9 +86,9 @@ def _remote_size(url: str, timeout: float) -> int | None:
     return int(length) if length is not None else None
 
 
-def _fetch(url: str, partial: Path, done: int, total: int | None, timeout: float, progress: bool) -> int:
+def _fetch(url: str, partial: Path, done: int, total: int | None, timeout: float) -> int:
     """Appends the bytes from offset `done` to `partial`; returns the new size."""
-    from tqdm.auto import tqdm
+    from ..progress import progress_bar
 
     request = urllib.request.Request(url, headers={"Range": f"bytes={done}-"} if done else {})
     try:
@@ -104,8 +103,8 @@ def _fetch(url: str, partial: Path, done: int, total: int | None, timeout: float
         if done and response.status != 206:
             done = 0  # the server ignored the Range header and sends the whole file: start over
         mode = "ab" if done else "wb"
-        with open(partial, mode) as sink, tqdm(
-            total=total, initial=done, unit="B", unit_scale=True, desc=partial.name, disable=not progress
+        with open(partial, mode) as sink, progress_bar(
+            total=total, initial=done, unit="B", unit_scale=True, desc=partial.name
         ) as bar:
             try:
                 while chunk := response.read(_CHUNK):

@@ -1,4 +1,5 @@
-"""Packing and the chunked loss through the Trainer (DataArguments.packing, TrainingArguments.loss_chunk_size)."""
+"""Packing, length grouping and the chunked loss through the Trainer (DataArguments.packing,
+train_sampling_strategy, TrainingArguments.loss_chunk_size)."""
 
 import pytest
 import torch
@@ -55,3 +56,21 @@ def test_packing_with_length_grouping_is_refused(llama_dir, dataset_dir, tmp_pat
     args = stage1_args(llama_dir, [dataset_dir], tmp_path, packing="true", train_sampling_strategy="group_by_length")
     with pytest.raises(ValueError, match="group_by_length"):
         build_trainer(*parse_args(args))
+
+
+def test_length_grouping_reads_the_length_column_once(llama_dir, dataset_dir, tmp_path):
+    """The samplers get the `length` column as a list: datasets' lazy Column would be read one row at a time, once
+    per row every epoch. The batches are the same as from the column's values."""
+    from transformers.trainer_pt_utils import LengthGroupedSampler
+
+    args = stage1_args(llama_dir, [dataset_dir], tmp_path, train_sampling_strategy="group_by_length")
+    trainer = build_trainer(*parse_args(args))
+    lengths = trainer.train_dataset["length"][:]
+    for sampler in (trainer._get_train_sampler(), trainer._get_eval_sampler(trainer.eval_dataset)):
+        assert isinstance(sampler, LengthGroupedSampler) and isinstance(sampler.lengths, list)
+    sampler = trainer._get_train_sampler()
+    assert sampler.lengths == lengths
+    torch.manual_seed(0)
+    order = list(sampler)
+    torch.manual_seed(0)
+    assert order == list(LengthGroupedSampler(sampler.batch_size, lengths=lengths))

@@ -115,6 +115,17 @@ def _evaluation_line(step: int, logs: dict[str, float]) -> str:
     return f"eval at step {step}: " + ", ".join(parts)
 
 
+def _with_listed_lengths(sampler):
+    """`sampler` with its `lengths` as a list. Why: for `train_sampling_strategy: group_by_length` the Trainer hands
+    `LengthGroupedSampler` the dataset's `length` column, which datasets >= 4 returns as a lazy `Column`; the sampler
+    then reads it one row at a time, once per row every epoch (measured on the demo's mixed stage-2 set: 1.4 ms a
+    row, 0.8 s of an epoch's 3.5 s; at CC3M-595K's size, minutes per epoch). One slice reads the column at once."""
+    lengths = getattr(sampler, "lengths", None)
+    if lengths is not None and not isinstance(lengths, list):
+        sampler.lengths = list(lengths[:])
+    return sampler
+
+
 class MMLlamaTrainer(Trainer):
     """Trainer for `MMLlamaForCausalLM` (plain or PEFT-wrapped), with batches from `MMLlamaDataCollator`.
 
@@ -149,6 +160,14 @@ class MMLlamaTrainer(Trainer):
             self.add_callback(TrainingProgressCallback)
         if self.pop_callback(PrinterCallback) is not None:
             self.add_callback(TrainingLogPrinter)
+
+    # ---------------------------------------------------------------- samplers
+
+    def _get_train_sampler(self, train_dataset=None):
+        return _with_listed_lengths(super()._get_train_sampler(train_dataset))
+
+    def _get_eval_sampler(self, eval_dataset):
+        return _with_listed_lengths(super()._get_eval_sampler(eval_dataset))
 
     # ---------------------------------------------------------------- loss
 

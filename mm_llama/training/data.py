@@ -91,9 +91,14 @@ def add_lengths(dataset: Dataset, processor: MMLlamaProcessor, train_on: str = "
     return dataset.add_column(LENGTH_COLUMN, lengths)
 
 
+def lengths_of(dataset: Dataset) -> list[int]:
+    """The `length` column as a list, read at once (datasets >= 4 gives a lazy Column, read a row at a time)."""
+    return dataset[LENGTH_COLUMN][:]
+
+
 def filter_by_length(dataset: Dataset, max_seq_len: int, name: str = "dataset") -> Dataset:
     """Keeps the rows of at most `max_seq_len` tokens (needs the `length` column); logs how many were dropped."""
-    keep = [i for i, length in enumerate(dataset[LENGTH_COLUMN]) if length <= max_seq_len]
+    keep = [i for i, length in enumerate(lengths_of(dataset)) if length <= max_seq_len]
     dropped = len(dataset) - len(keep)
     if dropped:
         logger.warning("%s: dropped %d of %d rows longer than max_seq_len=%d.", name, dropped, len(dataset),
@@ -130,7 +135,7 @@ def prepare_split(
     # Embeddings come out as float32 arrays rather than nested Python lists (much faster to batch).
     dataset = dataset.with_format("numpy", columns=["media_embeds"], output_all_columns=True)
     if data_args.packing and split == data_args.train_split:
-        packed = PackedDataset.from_lengths(dataset, dataset[LENGTH_COLUMN], data_args.max_seq_len,
+        packed = PackedDataset.from_lengths(dataset, lengths_of(dataset), data_args.max_seq_len,
                                             method=data_args.packing_method, seed=seed)
         logger.info("%s split: %d conversations packed into %d rows of %d tokens (%.2f%% filled).", split,
                     len(dataset), len(packed), data_args.max_seq_len, 100 * packed.fill_ratio(data_args.max_seq_len))
@@ -149,5 +154,5 @@ def prepare_datasets(
     return train, evaluation
 
 
-__all__ = ["LENGTH_COLUMN", "add_lengths", "check_datasets", "filter_by_length", "load_built_dataset", "mix_datasets",
-           "prepare_datasets", "prepare_split"]
+__all__ = ["LENGTH_COLUMN", "add_lengths", "check_datasets", "filter_by_length", "lengths_of", "load_built_dataset",
+           "mix_datasets", "prepare_datasets", "prepare_split"]

@@ -32,3 +32,22 @@ def spm_model_path(tmp_path_factory) -> Path:
     """Path of a tiny LLaMA-like `tokenizer.model` (vocab 320), trained once per test session."""
     return train_tiny_sentencepiece(tmp_path_factory.mktemp("spm"))
 
+
+
+# README's test command runs the suite in two worker processes (`-n 2 --dist loadfile`, pytest-xdist), a file per
+# worker at a time. The two longest files go first, one to each worker, so that the short ones fill in around them
+# instead of one of them starting last and running alone at the end.
+LONGEST_FILES_FIRST = ("test_user_journey.py", "test_demo.py")
+
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # Two workers on two cores: one PyTorch thread each (and in the processes the tests start), since threads that
+    # wait on each other across busy cores made the tiny models' steps several times slower.
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    import torch
+
+    torch.set_num_threads(1)
+
+
+def pytest_collection_modifyitems(items):
+    rank = {name: index for index, name in enumerate(LONGEST_FILES_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: files stay whole and in order

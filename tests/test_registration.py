@@ -22,8 +22,9 @@ def run_fresh(code: str, cwd=None) -> subprocess.CompletedProcess:
                           timeout=120, cwd=cwd, check=False)
 
 
+# The package alone, with transformers imported after it, is the next test's order (each case costs a fresh
+# interpreter's ~6 s of torch and transformers imports).
 @pytest.mark.parametrize("first_import", [
-    "import mm_llama",                                         # the package alone, transformers imported later
     "import transformers; import mm_llama",                    # transformers first
     "from mm_llama.data.collator import MMLlamaDataCollator",  # a module that imports transformers while loading
     "from mm_llama.model.processing_mm_llama import MMLlamaProcessor",

@@ -1,4 +1,5 @@
-"""Two-process DDP on CPU (gloo, launched with torchrun) matches one process with the same global batch."""
+"""Two-process DDP on CPU (gloo, launched with torchrun) matches one process with the same global batch (run in this
+process, one thread, as `mm-llama train`)."""
 
 import json
 import os
@@ -10,14 +11,15 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from mm_llama.cli import main
+
 from training_utils import dataset_dir, llama_dir, single_torch_thread, stage1_args  # noqa: F401  (fixtures)
 
 TRAIN_SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "train.py"
 
 
 def launch(args: list[str], num_processes: int) -> None:
-    launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(num_processes),
-                "--standalone"] if num_processes > 1 else [sys.executable]
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(num_processes), "--standalone"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     result = subprocess.run([*launcher, str(TRAIN_SCRIPT), *args], env=env, capture_output=True, text=True,
                             timeout=300)
@@ -32,7 +34,8 @@ def test_two_process_ddp_matches_one_process(llama_dir, dataset_dir, tmp_path):
     common = dict(max_steps=3, gradient_accumulation_steps=2, train_sampling_strategy="sequential",
                   prompt_loss_weight=0.1, learning_rate=1e-2)
     launch(stage1_args(llama_dir, [dataset_dir], tmp_path / "ddp", per_device_train_batch_size=2, **common), 2)
-    launch(stage1_args(llama_dir, [dataset_dir], tmp_path / "single", per_device_train_batch_size=4, **common), 1)
+    assert main(["train", *stage1_args(llama_dir, [dataset_dir], tmp_path / "single", per_device_train_batch_size=4,
+                                       **common)]) == 0
 
     ddp, single = load_file(tmp_path / "ddp" / "model.safetensors"), load_file(tmp_path / "single" / "model.safetensors")
     for name in single:

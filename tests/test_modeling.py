@@ -5,7 +5,6 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, LlamaForCausalLM
 
-from remote_code import assert_remote_code_logits
 from mm_llama import MMLlamaConfig, MMLlamaForCausalLM
 from mm_llama.model.loss_mm_llama import LossBackend
 from mm_llama.testing_utils import tiny_llama, tiny_llama_config, tiny_mm_llama
@@ -213,15 +212,8 @@ def test_save_pretrained_reloads_with_auto_classes(tmp_path):
         )
 
 
-def test_trust_remote_code_load_without_the_package(tmp_path):
-    model = make_model()
-    model.save_pretrained(tmp_path / "ckpt")
-    ids = random_ids(1, 7)
-    ids[0, 2] = 0
-    embeds = torch.randn(1, 1, MEDIA_DIM)
-    with torch.no_grad():
-        expected = model(input_ids=ids, media_embeds=embeds).logits
-    assert_remote_code_logits(tmp_path / "ckpt", ids, embeds, expected, tmp_path)
+# A saved folder loading with trust_remote_code where mm_llama cannot be imported: tests/test_merge.py, on the
+# merged folder (written by the same save_pretrained), in a fresh interpreter.
 
 
 def test_from_text_pretrained_starts_from_llama_weights(tmp_path):

@@ -5,8 +5,8 @@
 `MM_LLAMA_DISABLE_PROGRESS_BARS=1` (like `HF_HUB_DISABLE_PROGRESS_BARS`) is the default when nothing set the switch.
 Turning the switch also turns the bars of huggingface_hub, transformers and datasets, where those are loaded:
 huggingface_hub is imported for it (milliseconds, no torch); transformers and datasets only when already imported
-(transformers reads huggingface_hub's setting when it is imported later; `mm_llama.data.build` sets datasets' around
-the saving it does). Standard library and tqdm only: the commands' argument parsing may import this.
+(transformers reads huggingface_hub's setting when it is imported later; `mm_llama.data.build` turns the switch again
+around its saving, to reach datasets). Standard library and tqdm only: the commands' argument parsing may import this.
 """
 
 from __future__ import annotations

@@ -19,6 +19,7 @@ from PIL import Image
 from mm_llama.data import BuildConfig, SourceSpec, build_dataset
 from mm_llama.data.shards import shards_for_process
 from mm_llama.imagebind import ImageBindVisionConfig, ImageBindVisionModel, load_image, load_video
+from training_utils import one_torch_thread
 
 IMAGE_SIZE = 32
 
@@ -339,12 +340,10 @@ def test_several_processes_build_the_same_dataset(llava_fixture, tmp_path):
                              str(script), *common, "--output", str(tmp_path / "two")],
                             env=env, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr[-3000:]
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # as OMP_NUM_THREADS=1 in the two processes
-    try:
+    # --no_progress reaches datasets' own bar too, although datasets is imported after the flag turned the switch.
+    assert "Saving the dataset" not in result.stderr and "%|" not in result.stderr, result.stderr[-3000:]
+    with one_torch_thread():  # as OMP_NUM_THREADS=1 in the two processes
         assert cli(["build-datasets", *common, "--output", str(tmp_path / "one")]) == 0
-    finally:
-        torch.set_num_threads(threads)
     manifest = json.loads((tmp_path / "two" / "manifest.json").read_text())
     assert manifest["build"]["num_processes"] == 2 and manifest["counts"]["records_written"] == 4
     # Same thread count in both runs (one): bitwise the same embeddings.

@@ -24,7 +24,7 @@ import shutil
 import time
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
 import datasets
 import torch
@@ -100,20 +100,6 @@ def _remove_artefacts(output: Path) -> None:
             shutil.rmtree(path)
         elif path.exists():
             path.unlink()
-
-
-@contextlib.contextmanager
-def _datasets_progress(enabled: bool) -> Iterator[None]:
-    """Turns `datasets`' own progress bars off inside the block when `enabled` is False (restored after): datasets
-    is imported by this module, after a command's --no_progress set the switch, so the switch did not reach it."""
-    was_disabled = datasets.are_progress_bars_disabled()
-    if not enabled:
-        datasets.disable_progress_bars()
-    try:
-        yield
-    finally:
-        if not enabled and not was_disabled:
-            datasets.enable_progress_bars()
 
 
 def build_dataset(
@@ -257,7 +243,9 @@ def _assemble(build: _Build, output: Path, projection_dim: int, num_processes: i
     dim = int(index.dim or projection_dim)
     dataset, written = write_rows(build.records, index, work / "assembled.arrow", build.skips, dim)
     splits = split_dataset(dataset, build.config.validation_ratio, build.config.seed)
-    with _datasets_progress(progress_bars_enabled()):
+    # datasets came in with this module, after the command turned the switch off: turned off again, it reaches
+    # datasets' bars too (and leaves them as they were afterwards).
+    with contextlib.nullcontext() if progress_bars_enabled() else progress_bars(False):
         # An empty split saved with the default sharding has no data file and cannot be loaded back; one
         # explicit shard keeps it loadable.
         splits.save_to_disk(str(output), num_shards={name: 1 for name, split in splits.items() if not len(split)})

@@ -66,9 +66,9 @@ def test_length_grouping_reads_the_length_column_once(llama_dir, dataset_dir, tm
     args = stage1_args(llama_dir, [dataset_dir], tmp_path, train_sampling_strategy="group_by_length")
     trainer = build_trainer(*parse_args(args))
     lengths = trainer.train_dataset["length"][:]
-    for sampler in (trainer._get_train_sampler(), trainer._get_eval_sampler(trainer.eval_dataset)):
-        assert isinstance(sampler, LengthGroupedSampler) and isinstance(sampler.lengths, list)
-    sampler = trainer._get_train_sampler()
+    sampler, eval_sampler = trainer._get_train_sampler(), trainer._get_eval_sampler(trainer.eval_dataset)
+    for built in (sampler, eval_sampler):
+        assert isinstance(built, LengthGroupedSampler) and isinstance(built.lengths, list)
     assert sampler.lengths == lengths
     torch.manual_seed(0)
     order = list(sampler)
